@@ -12,6 +12,7 @@ checksum, so later runs load in well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import tarfile
@@ -34,7 +35,7 @@ __all__ = ["CIFAR10_CLASSES", "load_cifar10_arrays"]
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
-_SPLIT_SIZE = {"train": 50_000, "test": 10_000}
+_SPLIT_SIZE = {"train": 50_000, "test": 10_000}  # the official sizes (progress-bar total)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -120,16 +121,23 @@ def _decode_folder(members: Iterator[tuple[str, str, bytes]], where: str) -> dic
             labels[split].append(CIFAR10_CLASSES.index(cls))
             advance(1)
     arrays: dict[str, np.ndarray] = {}
-    for split, n in _SPLIT_SIZE.items():
-        if len(out[split]) != n:
-            raise DataIntegrityError(f"{where}: {split} has {len(out[split])} images, expected {n}")
+    for split in _SPLIT_SIZE:
+        missing = set(range(len(CIFAR10_CLASSES))) - set(labels[split])
+        if missing:
+            names = ", ".join(CIFAR10_CLASSES[i] for i in sorted(missing))
+            raise DataIntegrityError(f"{where}: the {split} split has no images of {names}")
         arrays[f"x_{split}"] = np.stack(out[split])
         arrays[f"y_{split}"] = np.asarray(labels[split], np.int64)
     return arrays
 
 
 def _cached(source: Path, decode) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    key = sha256_file(source)[:16] if source.is_file() else f"tree-{abs(hash(str(source.resolve())))}"
+    if source.is_file():
+        key = sha256_file(source)[:16]
+    else:  # a tree: key on every file's path, size and modification time
+        listing = sorted(f"{p.relative_to(source)}|{p.stat().st_size}|{p.stat().st_mtime_ns}"
+                         for p in source.rglob("*") if p.is_file())
+        key = "tree-" + hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16]
     path = cache_dir() / f"cifar10-{key}.npz"
     if path.exists():
         try:

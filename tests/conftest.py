@@ -1,0 +1,27 @@
+"""Shared fixtures: the developers' data directory (``../shared/data``) when it exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded caches go to a per-session temp dir unless the developer set LOWBIT_CACHE."""
+    if not os.environ.get("LOWBIT_CACHE"):
+        monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``, or skip with the reason (a user's machine does not have it; CI does)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the shared data sets at {SHARED_DATA} (present for developers and CI)")
+    return SHARED_DATA

@@ -1,0 +1,121 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.data import load_dataset
+from lowbit.models import create_model
+from lowbit.train import CheckpointError, TrainConfig, fit, load_checkpoint, load_model
+from lowbit.train.schedule import lr_at
+
+# A small, fast run: an MLP on the 8x8 digits, 47 steps per epoch.
+CFG = TrainConfig(epochs=4, batch_size=32, lr=0.05, checkpoint_every=0, seed=1, channels_last=False)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("lenet300_100", in_features=64)
+
+
+def test_fit_learns_digits_and_writes_its_files(tmp_path: Path) -> None:
+    res = fit(_model(), load_dataset("digits"), CFG, run_dir=tmp_path, show_progress=False)
+    assert res.final["test_acc"] > 90.0  # a linear model already gets ~95% here
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    model, ckpt = load_model(tmp_path / "model.safetensors")
+    assert ckpt.meta["results"]["test_acc"] == res.final["test_acc"]
+
+
+def test_nan_loss_stops_with_a_clear_error() -> None:
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        fit(_model(), load_dataset("digits"), CFG.model_copy(update={"lr": 1e12}), show_progress=False)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from lowbit.data import load_dataset
+    from lowbit.models import create_model
+    from lowbit.train import TrainConfig, fit
+
+    class Slow:  # makes the run long enough to be killed in the middle of an epoch
+        def after_step(self, model, step):
+            time.sleep(0.03)
+
+    torch.manual_seed(0)
+    model = create_model("lenet300_100", in_features=64)
+    cfg = TrainConfig.model_validate_json(sys.argv[2])
+    fit(model, load_dataset("digits"), cfg, run_dir=sys.argv[1], callbacks=[Slow()], show_progress=False)
+    """
+)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path: Path) -> None:
+    cfg = CFG.model_copy(update={"checkpoint_every": 5})
+    torch.set_num_threads(1)
+    try:
+        reference = fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "ref", show_progress=False)
+        run = tmp_path / "killed"
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(run), cfg.model_dump_json()])
+        last, killed_at = run / "last.safetensors", None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if last.exists():
+                try:
+                    step = load_checkpoint(last).meta["step"]
+                except CheckpointError:  # cannot happen with atomic writes; would fail the test below
+                    raise
+                if step >= 60:  # inside epoch 2 (47 steps per epoch)
+                    os.kill(child.pid, signal.SIGKILL)
+                    child.wait()
+                    killed_at = load_checkpoint(last).meta["step"]
+                    break
+            time.sleep(0.01)
+        assert killed_at is not None, "the child finished or stalled before it could be killed"
+        assert killed_at % 47 != 0 and killed_at < 4 * 47  # killed mid-epoch, before the end
+        assert not (run / "model.safetensors").exists()
+        resumed = fit(_model(), load_dataset("digits"), cfg, run_dir=run, resume=True, show_progress=False)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    a = load_checkpoint(tmp_path / "ref" / "model.safetensors").group("model")
+    b = load_checkpoint(run / "model.safetensors").group("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final == reference.final
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+    short = CFG.model_copy(update={"epochs": 1})
+    fit(_model(), load_dataset("digits"), short, run_dir=tmp_path, show_progress=False)
+    with pytest.raises(CheckpointError, match="different training config"):
+        fit(_model(), load_dataset("digits"), CFG, run_dir=tmp_path, resume=True, show_progress=False)
+
+
+def test_schedules() -> None:
+    kw = dict(base_lr=1.0, total_steps=100, steps_per_epoch=10)
+    assert lr_at("cosine", step=0, **kw) == 1.0 and abs(lr_at("cosine", step=50, **kw) - 0.5) < 1e-9
+    assert lr_at("cosine", step=100, **kw) < 1e-9
+    assert lr_at("step", step=35, milestones=(2, 3), gamma=0.1, **kw) == pytest.approx(0.01)
+    assert lr_at("onecycle", step=25, **kw) == pytest.approx(1.0)
+    assert lr_at("onecycle", step=0, **kw) == pytest.approx(1 / 25)
+    assert lr_at("cosine", step=4, warmup_epochs=1, **kw) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="allowed"):
+        lr_at("linear", step=0, **kw)
+
+
+def test_config_errors_name_the_field() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValidationError, match="milestones"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        TrainConfig(learning_rate=0.1)
