@@ -3,7 +3,17 @@
 One file per family, each registering small constructors with ``@register_model``.
 """
 
-from lowbit.models import lenet, resnet  # noqa: F401  (importing registers the models)
+from lowbit.models import (  # noqa: F401  (importing registers the models)
+    efficientnet,
+    lenet,
+    mlp,
+    mobilenet,
+    resnet,
+    rnn,
+    squeezenet,
+    squeezenext,
+    vgg,
+)
 from lowbit.models._registry import ModelEntry, create_model, list_models, model_entry, models, register_model
 
 __all__ = ["ModelEntry", "create_model", "list_models", "model_entry", "models", "register_model"]

@@ -53,8 +53,8 @@ _DC = "Deep Compression, arXiv:1510.00149"
 
 
 @register_model((1, 28, 28), "mnist", _DC)
-def lenet300_100(num_classes: int = 10) -> nn.Module:
-    return LeNet300100(num_classes)
+def lenet300_100(num_classes: int = 10, in_features: int = 784) -> nn.Module:
+    return LeNet300100(num_classes, in_features)
 
 
 @register_model((1, 28, 28), "mnist", _DC)
