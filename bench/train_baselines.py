@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import shutil
 
+import torch
+
 from bench._common import CHECKPOINTS, data_dir, runs_dir, write_results
 from lowbit.data import load_dataset
 from lowbit.models import create_model, model_entry
@@ -42,6 +44,7 @@ def main() -> None:
     for name in args.models or list(RECIPES):
         cfg = RECIPES[name]
         data = load_dataset(model_entry(name).dataset, data_dir())
+        torch.manual_seed(cfg.seed)  # the initialization is part of the recipe
         model = create_model(name)
         run = runs_dir() / "baselines" / name
         res = fit(model, data, cfg, run_dir=run, resume=True)

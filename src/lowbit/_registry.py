@@ -14,6 +14,7 @@ Strings exist only at the edges (YAML, CLI); inside, code passes the objects the
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -58,7 +59,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            close = fnmatch.filter(self._items, f"*{name[:4]}*") if name else []
+            close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{hint}; valid names: {', '.join(sorted(self._items))}"

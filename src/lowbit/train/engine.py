@@ -162,6 +162,8 @@ def fit(
     With ``run_dir`` set, checkpoints and metrics are written there, and ``resume=True`` continues
     from ``run_dir/last.safetensors`` if it exists.
     """
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs a run_dir to resume from")
     torch.manual_seed(cfg.seed)
     device = cfg.device
     channels_last = cfg.channels_last and not data.is_text
@@ -209,6 +211,8 @@ def fit(
     model.train()
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, n_epochs):
+        if step >= total_steps:  # resumed a finished run
+            break
         first = step - epoch * steps_per_epoch
         end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         bar = progress(end, f"epoch {epoch + 1}/{n_epochs}", "batch") if show_progress else _nullbar()
@@ -266,7 +270,7 @@ def fit(
         final = {f"test_{k}": v for k, v in evaluate(model, test, device, channels_last).items()}
     if out is not None:
         save_model(out / "model.safetensors", model, dataset=data.name, results=final,
-                   train=cfg.model_dump(mode="json"))
+                   input_shape=list(data.input_shape), train=cfg.model_dump(mode="json"))
     return FitResult(history, final, out)
 
 

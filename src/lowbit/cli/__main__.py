@@ -1,0 +1,7 @@
+"""``python -m lowbit.cli``: the same as the ``lowbit`` command."""
+
+import sys
+
+from lowbit.cli.commands import main
+
+sys.exit(main())

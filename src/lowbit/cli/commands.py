@@ -1,0 +1,207 @@
+"""The ``lowbit`` command: argument parsing and dispatch only; the work happens in the library.
+
+User mistakes (an unknown name, a bad recipe, a corrupt checkpoint, missing data) print one
+``lowbit: error: ...`` line to stderr and exit 2; anything else is a bug and keeps its traceback.
+Heavy imports (torch) happen inside the commands so that ``lowbit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lowbit.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_recipe(recipe, data_dir=args.data_dir, resume=args.resume, command=_command(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lowbit.models import model_entry
+    from lowbit.recipe import apply_overrides, run_recipe, validate_recipe
+
+    given = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "seed")
+    stage = {"type": "train", **{k: getattr(args, k) for k in given if getattr(args, k) is not None}}
+    data = args.data or model_entry(args.model).dataset
+    doc = {"name": f"train-{args.model}", "output": args.out or f"runs/train/{args.model}",
+           "model": {"name": args.model}, "data": {"name": data}, "stages": [stage]}
+    recipe = validate_recipe(apply_overrides(doc, args.set), source="lowbit train")
+    run_recipe(recipe, data_dir=args.data_dir, resume=args.resume, command=_command(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lowbit.data import load_dataset
+    from lowbit.models import model_entry
+    from lowbit.train import evaluate, load_model
+
+    model, ckpt = load_model(args.checkpoint)
+    name = args.data or ckpt.meta.get("dataset") or model_entry(ckpt.meta["model"]["name"]).dataset
+    res = evaluate(model, load_dataset(name, args.data_dir).loader("test", args.batch_size), show_progress=True)
+    print(f"{args.checkpoint}: {name} test acc {res['acc']:.2f}%  loss {res['loss']:.4f}")
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from lowbit.analysis.summary import print_summary, summary_json
+    from lowbit.hw.counts import profile
+
+    model, title, shape = _model_or_checkpoint(args.model)
+    try:
+        stats = profile(model, input_shape=args.input_shape or shape)
+    except RuntimeError as e:  # the forward pass rejected the input: a wrong (or missing) --input-shape
+        shape = args.input_shape or shape or "the registered input shape"
+        raise ValueError(f"{title} does not accept {shape}; pass --input-shape C,H,W "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    if args.json:
+        print(summary_json(stats))
+    else:
+        print_summary(stats, title=title)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from lowbit.models import list_models, model_entry
+
+    names = list_models(args.glob)
+    if not names:
+        raise ValueError(f"no model matches {args.glob!r}; models: {', '.join(list_models())}")
+    rows = [(n, "x".join(map(str, model_entry(n).input_shape)), model_entry(n).dataset, model_entry(n).paper)
+            for n in names]
+    _table(("model", "input", "dataset", "paper"), rows)
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from lowbit.data import datasets
+
+    _table(("dataset", "description"), [(n, (datasets.get(n).__doc__ or "").strip().splitlines()[0]) for n in datasets])
+
+
+def _model_or_checkpoint(ref: str) -> tuple[Any, str, tuple[int, ...] | None]:
+    """(model, title, input shape recorded in the checkpoint) for a model name or a checkpoint path."""
+    if ref.endswith(".safetensors") or Path(ref).is_file():
+        from lowbit.train import load_model
+
+        model, ckpt = load_model(ref)
+        shape = ckpt.meta.get("input_shape")
+        return model, ref, tuple(shape) if isinstance(shape, list) else None
+    from lowbit.models import create_model
+
+    return create_model(ref), ref, None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _command(args: argparse.Namespace) -> str:
+    return "lowbit " + shlex.join(args.argv)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,28,28, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,28,28, got {text!r}")
+    return shape
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lowbit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize and compress neural networks, end to end.")
+    ap.add_argument("--version", action="version", version=f"lowbit {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data_dir = dict(metavar="DIR", help="where data sets live (default: $LOWBIT_DATA)")
+    sets = dict(action="append", default=[], metavar="KEY=VALUE",
+                help="override a recipe value, e.g. stages.0.epochs=3 (repeatable)")
+
+    p = sub.add_parser("run", help="run a YAML recipe")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--set", **sets)
+    p.add_argument("--data-dir", **data_dir)
+    p.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("train", help="train a registered model (a one-stage recipe)")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", metavar="DATASET", help="default: the model's own data set")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/train/MODEL)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--data-dir", **data_dir)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--data", metavar="DATASET", help="default: the data set recorded in the checkpoint")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", **data_dir)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("summary", help="per-layer table of a model or checkpoint")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="default: the model's registered input")
+    p.set_defaults(fn=cmd_summary)
+
+    p = sub.add_parser("models", help="list registered models")
+    p.add_argument("glob", nargs="?", default="*", metavar="GLOB")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("datasets", help="list registered data sets")
+    p.set_defaults(fn=cmd_datasets)
+    return ap
+
+
+def _user_error(e: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    from lowbit._registry import UnknownNameError
+    from lowbit.data import DataNotFoundError
+
+    # FloatingPointError: the engine's "loss became nan ...; lower the learning rate" is meant for users
+    return isinstance(e, (UnknownNameError, DataNotFoundError, ValidationError, ValueError, FloatingPointError))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowbit`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("lowbit: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        first, *rest = str(e).splitlines() or [type(e).__name__]
+        print("\n".join([f"lowbit: error: {first}", *rest]), file=sys.stderr)
+        return EXIT_USAGE
+    return 0
