@@ -39,7 +39,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.system()}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, {platform.system()}"
 
 
 def write_results(name: str, results: dict[str, dict[str, Any]], merge: bool = True) -> Path:

@@ -160,13 +160,13 @@ def load_cifar10_arrays(split: str, data_dir: str | None = None) -> tuple[np.nda
             return _load_batches(d / "cifar-10-batches-py", split)
         if (d / "cifar10" / "train").is_dir():
             root = d / "cifar10"
-            arrays = _cached(root, lambda: _decode_folder(_tree_members(root), str(root)))
+            arrays = _cached(root, lambda r=root: _decode_folder(_tree_members(r), str(r)))
             return arrays[f"x_{split}"], arrays[f"y_{split}"]
         tars = sorted(d.glob("cifar10*.tar.gz")) + sorted(d.glob("cifar-10*.tar.gz"))
         if tars:
             tar = tars[0]
             verify_sha256(tar)
-            arrays = _cached(tar, lambda: _decode_folder(_tar_members(tar), str(tar)))
+            arrays = _cached(tar, lambda t=tar: _decode_folder(_tar_members(t), str(t)))
             return arrays[f"x_{split}"], arrays[f"y_{split}"]
     raise not_found(
         "cifar10", looked, "cifar-10-batches-py/, cifar10/{train,test}/ or cifar10*.tar.gz",

@@ -250,7 +250,8 @@ def fit(
                 sums["loss"] += loss.item() * n
                 sums["correct"] += (pred == y.flatten() if logits.dim() == 3 else pred == y).sum().item()
                 sums["count"] += n
-                advance(1, f"loss {sums['loss'] / sums['count']:.3f} acc {100 * sums['correct'] / sums['count']:.1f}% lr {lr:.2g}")
+                mean_loss, mean_acc = sums["loss"] / sums["count"], 100 * sums["correct"] / sums["count"]
+                advance(1, f"loss {mean_loss:.3f} acc {mean_acc:.1f}% lr {lr:.2g}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     checkpoint()
         for after in hooks("after_epoch"):
