@@ -43,6 +43,10 @@ class Context:
     recipe_name: str = ""
     stage_key: str = ""  # key of the running stage in ``results`` (set by the runner)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # training callbacks that earlier stages installed (e.g. pruning masks); every train stage uses them
+    callbacks: list[object] = field(default_factory=list)
+    # named weight snapshots {label: {layer: flat numpy array}} for the report's distribution plots
+    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 StageFn = Callable[[Context, Any], "dict[str, Any] | None"]
@@ -88,7 +92,7 @@ def register_stage(name: str, config: type[BaseModel] = NoOptions) -> Callable[[
 def train_stage(ctx: Context, cfg: TrainConfig) -> dict[str, Any]:
     """Train the model (lowbit.train.fit); checkpoints in <output>/train, resumable with --resume."""
     res = fit(ctx.model, ctx.data, cfg, run_dir=ctx.run_dir / ctx.stage_key, resume=ctx.resume,
-              show_progress=ctx.show_progress)
+              callbacks=ctx.callbacks, show_progress=ctx.show_progress)
     print(f"{ctx.stage_key}: test acc {res.final['test_acc']:.2f}%  loss {res.final['test_loss']:.4f}")
     return dict(res.final)
 
