@@ -1,0 +1,1 @@
+"""Reports a person reads: Markdown tables, JSON, and PNG plots."""
