@@ -165,15 +165,13 @@ class ReportConfig(BaseModel):
     plot: str = Field("weights.png", description="weight distributions before/after pruning and sharing")
 
 
-@register_stage("report", ReportConfig)
+@register_stage("report", ReportConfig, requires=("encode",))
 def report_stage(ctx: Context, cfg: ReportConfig) -> dict[str, Any]:
     """The paper-style report: per-layer table, totals, accuracy before/after; Markdown, JSON and PNG."""
     from lowbit.report.compression import compression_report
     from lowbit.report.plots import plot_weight_distributions
 
-    encode = next((r for k, r in ctx.results.items() if k.startswith("encode")), None)
-    if encode is None:
-        raise ValueError("report: needs an 'encode' stage before it (the report describes the .lbz file)")
+    encode = next(r for k, r in ctx.results.items() if k.startswith("encode"))  # the schema checked it exists
     before = next((r for k, r in ctx.results.items() if k.startswith("evaluate")), None)
     plot = plot_weight_distributions(ctx.snapshots, ctx.run_dir / cfg.plot) if ctx.snapshots else None
     text, summary = compression_report(

@@ -154,6 +154,12 @@ def validate_recipe(doc: Any, source: str = "<recipe>") -> Recipe:
         call = _validate_stage(entry, f"stages[{i}]", problems)
         if call is not None:
             calls.append(call)
+    seen: list[str] = []
+    for i, call in enumerate(calls):  # stages that need an earlier stage (e.g. report after encode)
+        missing = [r for r in stages.get(call.type).requires if r not in seen]
+        if missing:
+            problems.append(f"stages[{i}] ({call.type}): needs a {' and a '.join(missing)} stage before it")
+        seen.append(call.type)
     if problems or head is None:
         raise RecipeError("\n".join(f"{source}: {p}" for p in problems))
     return Recipe(head.name, Path(head.output or f"runs/{head.name}"), head.model, head.data, tuple(calls),

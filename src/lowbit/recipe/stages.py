@@ -59,6 +59,7 @@ class StageDef:
     name: str
     config: type[BaseModel]
     run: StageFn
+    requires: tuple[str, ...] = ()  # stage types that must come earlier in the recipe
 
     @property
     def doc(self) -> str:
@@ -75,11 +76,14 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def register_stage(name: str, config: type[BaseModel] = NoOptions) -> Callable[[StageFn], StageFn]:
-    """Register ``run(ctx, cfg) -> results | None`` as stage ``name`` configured by ``config``."""
+def register_stage(
+    name: str, config: type[BaseModel] = NoOptions, requires: tuple[str, ...] = ()
+) -> Callable[[StageFn], StageFn]:
+    """Register ``run(ctx, cfg) -> results | None`` as stage ``name`` configured by ``config``;
+    ``requires`` names stage types that must come earlier in a recipe (checked before anything runs)."""
 
     def deco(fn: StageFn) -> StageFn:
-        stages.register(name)(StageDef(name, config, fn))
+        stages.register(name)(StageDef(name, config, fn, tuple(requires)))
         return fn
 
     return deco
