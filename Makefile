@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench baselines clean
+.PHONY: demo train-demo test lint baselines clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/lowbit run recipes/deep_compression/lenet300_100.yaml
+
+train-demo: $(STAMP)
 	$(BIN)/lowbit run recipes/demo.yaml
 
 test: $(STAMP)

@@ -13,7 +13,7 @@ import yaml
 from lowbit.cli import commands, main
 from lowbit.models import list_models
 
-COMMANDS = ["run", "train", "eval", "summary", "models", "datasets"]
+COMMANDS = ["run", "compress", "train", "eval", "summary", "models", "datasets"]
 
 
 def one_error_line(err: str) -> str:
@@ -151,3 +151,37 @@ def test_run_then_summary_uses_the_recorded_input_shape(capsys: pytest.CaptureFi
     capsys.readouterr()
     assert main(["summary", str(out / "model.safetensors"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 8, 8]
+
+
+def test_compress_then_eval_and_summary_of_the_lbz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(f"""
+version: 1
+name: c
+output: {tmp_path / "run"}
+model: {{name: lenet300_100, kwargs: {{in_features: 64}}}}
+data: {{name: digits}}
+stages:
+  - {{type: train, epochs: 2, batch_size: 32, lr: 0.05, channels_last: false}}
+  - {{type: prune, rules: {{"*": 0.7}}}}
+  - {{type: cluster, types: {{Linear: 3}}}}
+  - {{type: encode}}
+""")
+    assert main(["compress", str(recipe)]) == 0
+    lbz = tmp_path / "run" / "model.lbz"
+    capsys.readouterr()
+    assert main(["eval", str(lbz)]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("test acc ")[1].split("%")[0])
+    assert acc > 50.0 and "digits" in out  # the data set is read from the file's header
+    assert main(["summary", str(lbz), "--json"]) == 0
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert totals["params"] == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    assert 0.69 < totals["sparsity"] < 0.71  # 70% of every weight pruned; biases are not weights
+
+
+def test_compress_needs_an_encode_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: r\nmodel: {name: lenet5}\ndata: {name: mnist}\nstages: [{type: evaluate}]\n")
+    assert main(["compress", str(recipe)]) == 2
+    assert "ends in an 'encode' stage" in one_error_line(capsys.readouterr().err)

@@ -26,6 +26,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_recipe(recipe, data_dir=args.data_dir, resume=args.resume, command=_command(args))
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from lowbit.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if not any(call.type == "encode" for call in recipe.stages):
+        raise ValueError(f"{args.recipe}: a compression recipe ends in an 'encode' stage (the .lbz file); "
+                         "use 'lowbit run' for other recipes")
+    run_recipe(recipe, data_dir=args.data_dir, resume=args.resume, command=_command(args))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from lowbit.models import model_entry
     from lowbit.recipe import apply_overrides, run_recipe, validate_recipe
@@ -42,10 +52,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lowbit.data import load_dataset
     from lowbit.models import model_entry
-    from lowbit.train import evaluate, load_model
+    from lowbit.train import evaluate
 
-    model, ckpt = load_model(args.checkpoint)
-    name = args.data or ckpt.meta.get("dataset") or model_entry(ckpt.meta["model"]["name"]).dataset
+    model, meta = _load_file(args.checkpoint)
+    name = args.data or meta.get("dataset") or model_entry(meta["model"]["name"]).dataset
     res = evaluate(model, load_dataset(name, args.data_dir).loader("test", args.batch_size), show_progress=True)
     print(f"{args.checkpoint}: {name} test acc {res['acc']:.2f}%  loss {res['loss']:.4f}")
 
@@ -84,13 +94,23 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     _table(("dataset", "description"), [(n, (datasets.get(n).__doc__ or "").strip().splitlines()[0]) for n in datasets])
 
 
-def _model_or_checkpoint(ref: str) -> tuple[Any, str, tuple[int, ...] | None]:
-    """(model, title, input shape recorded in the checkpoint) for a model name or a checkpoint path."""
-    if ref.endswith(".safetensors") or Path(ref).is_file():
-        from lowbit.train import load_model
+def _load_file(path: str) -> tuple[Any, dict[str, Any]]:
+    """(model, metadata) from a checkpoint (.safetensors) or a compressed model (.lbz)."""
+    if path.endswith(".lbz"):
+        from lowbit.codec import load_model as load_lbz
 
-        model, ckpt = load_model(ref)
-        shape = ckpt.meta.get("input_shape")
+        return load_lbz(path)
+    from lowbit.train import load_model
+
+    model, ckpt = load_model(path)
+    return model, ckpt.meta
+
+
+def _model_or_checkpoint(ref: str) -> tuple[Any, str, tuple[int, ...] | None]:
+    """(model, title, input shape recorded in the file) for a model name, a checkpoint or a .lbz path."""
+    if ref.endswith((".safetensors", ".lbz")) or Path(ref).is_file():
+        model, meta = _load_file(ref)
+        shape = meta.get("input_shape")
         return model, ref, tuple(shape) if isinstance(shape, list) else None
     from lowbit.models import create_model
 
@@ -141,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser("compress", help="run a compression recipe (prune, cluster, encode, report stages)")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--set", **sets)
+    p.add_argument("--data-dir", **data_dir)
+    p.add_argument("--resume", action="store_true", help="continue training stages from their last checkpoints")
+    p.set_defaults(fn=cmd_compress)
+
     p = sub.add_parser("train", help="train a registered model (a one-stage recipe)")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--data", metavar="DATASET", help="default: the model's own data set")
@@ -156,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="test accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint (.safetensors) or compressed model (.lbz)")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--data", metavar="DATASET", help="default: the data set recorded in the checkpoint")
     p.add_argument("--batch-size", type=int, default=256)
