@@ -119,3 +119,21 @@ def test_config_errors_name_the_field() -> None:
         TrainConfig(schedule="step")
     with pytest.raises(ValidationError, match="Extra inputs"):
         TrainConfig(learning_rate=0.1)
+
+
+def test_fit_start_and_end_hooks_see_the_optimizer_and_change_the_final_result() -> None:
+    class Probe:
+        def on_fit_start(self, model, optimizer):
+            self.optimizer = optimizer
+
+        def on_fit_end(self, model):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()  # a model of zeros predicts class 0 for everything
+
+    probe = Probe()
+    short = CFG.model_copy(update={"epochs": 1})
+    res = fit(_model(), load_dataset("digits"), short, callbacks=[probe], show_progress=False)
+    assert isinstance(probe.optimizer, torch.optim.SGD)
+    assert res.history[-1]["test_acc"] > 50  # trained...
+    assert res.final["test_acc"] < 20  # ...but the final numbers are measured after on_fit_end

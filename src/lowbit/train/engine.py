@@ -38,9 +38,11 @@ class Callback(Protocol):
     Every method is optional: the engine calls only those a callback defines.
     """
 
+    def on_fit_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None: ...
     def after_step(self, model: nn.Module, step: int) -> None: ...
     def after_epoch(self, model: nn.Module, epoch: int) -> None: ...
+    def on_fit_end(self, model: nn.Module) -> None: ...
 
 
 @dataclass
@@ -208,6 +210,8 @@ def fit(
         })
 
     hooks = lambda name: [getattr(c, name) for c in callbacks if hasattr(c, name)]  # noqa: E731
+    for start in hooks("on_fit_start"):  # e.g. optimizer wrappers (loss-aware quantization reads Adam's state)
+        start(model, opt)
     model.train()
     start_epoch = step // steps_per_epoch
     for epoch in range(start_epoch, n_epochs):
@@ -266,7 +270,10 @@ def fit(
         checkpoint()
         if out is not None:
             _write_jsonl(out / "metrics.jsonl", history)
-    final = {k: v for k, v in history[-1].items() if k.startswith("test_")} if history else {}
+    ends = hooks("on_fit_end")
+    for end in ends:  # e.g. a last distortion or a quantizer freeze: the final evaluation must see it
+        end(model)
+    final = {k: v for k, v in history[-1].items() if k.startswith("test_")} if history and not ends else {}
     if not final:
         final = {f"test_{k}": v for k, v in evaluate(model, test, device, channels_last).items()}
     if out is not None:
