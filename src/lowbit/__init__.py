@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "__version__"]
+__all__ = ["create_model", "list_models", "quantize_", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +16,8 @@ def __getattr__(name: str) -> Any:
         from lowbit import models
 
         return getattr(models, name)
+    if name == "quantize_":
+        from lowbit.quant import quantize_
+
+        return quantize_
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -63,7 +63,7 @@ BAD = {
     "out of range": (set_key("stages.0.epochs", 0), ["stages[0].epochs: Input should be greater than 0"]),
     "bad choice": (set_key("stages.0.optimizer", "sgdd"), ["stages[0].optimizer", "'sgd', 'adam' or 'adamw'"]),
     "unknown stage": (set_key("stages.1.type", "quantise"),
-                      ["stages[1].type: unknown stage type 'quantise'", "prune, report, save, summary, train"]),
+                      ["stages[1].type: unknown stage type 'quantise'", "quantize, report, save, summary, train"]),
     "unknown model": (set_key("model.name", "lenet7"), ["model.name: unknown model 'lenet7'", "valid names: "]),
     "bad model kwarg": (set_key("model.kwargs.in_feature", 64), ["model.kwargs", "takes: num_classes, in_features"]),
     "unknown dataset": (set_key("data.name", "mnsit"), ["data.name: unknown dataset 'mnsit'", "digits, mnist"]),

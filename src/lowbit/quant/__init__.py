@@ -1,5 +1,11 @@
 """Quantization: the quantizer contract and registry (``base``), the methods (one file per family)."""
 
+from lowbit.quant.api import LayerQuant, QuantConfig, QuantReport, quantize_
 from lowbit.quant.base import Quantizer, QuantizerSpec, get_quantizer, quantizers, register_quantizer
+from lowbit.quant.binary import BnnPlusRegularizer, ClipWeights, SteSign, StochasticSign, SwishSign  # noqa: F401
+from lowbit.quant.dorefa import DorefaAct, DorefaGrad, DorefaWeight  # noqa: F401 (registers dorefa_*)
+from lowbit.quant.loss_aware import LAB, LAQLinear, LAQLog, LAQTernary, LossAware  # noqa: F401 (registers)
+from lowbit.quant.ternary import TTQ, TWN  # noqa: F401 (registers twn, ttq)
 
-__all__ = ["Quantizer", "QuantizerSpec", "get_quantizer", "quantizers", "register_quantizer"]
+__all__ = ["Quantizer", "QuantizerSpec", "get_quantizer", "quantizers", "register_quantizer",
+           "LayerQuant", "QuantConfig", "QuantReport", "quantize_"]
