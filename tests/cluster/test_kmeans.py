@@ -1,20 +1,11 @@
 """1-D k-means of Deep Compression: initializations, Lloyd iterations against a brute-force reference."""
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 from lowbit.cluster import cluster_weight, init_centroids, kmeans_1d
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mixture(n_per: int = 1000, centers: tuple[float, ...] = (-1.0, 0.25, 2.0), std: float = 0.05) -> torch.Tensor:

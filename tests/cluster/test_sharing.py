@@ -1,6 +1,5 @@
 """Weight sharing (Deep Compression, section 3): cluster_, centroid fine-tuning, shared_weights, strip_sharing_."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,6 @@ LAYERS = ("fc1", "fc2", "fc3")
 State = dict[str, torch.Tensor]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def digits() -> Dataset:
@@ -39,10 +31,12 @@ def digits() -> Dataset:
 @pytest.fixture(scope="module")
 def trained(digits: Dataset) -> dict[str, torch.Tensor]:
     """LeNet-300-100 on the 8x8 digits (about 98% test accuracy), trained once for this module."""
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # runs before the per-test one-thread fixture of the conftest
     torch.manual_seed(0)
     model = create_model("lenet300_100", in_features=64)
     fit(model, digits, BASE, show_progress=False)
+    torch.set_num_threads(before)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -7,7 +7,7 @@ ImageNet reference numbers below come from); MACs count conv and linear multiply
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,15 +18,6 @@ from lowbit.models.resnet import CifarResNet
 
 NUM_CLASSES = 7  # not 10 or 1000, so that a constructor ignoring num_classes is caught
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Batch-of-two forwards gain nothing from threads, and on a busy machine intra-op threads that
-    # wait for each other make these tests 5-10x slower; restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _params(model: nn.Module) -> int:

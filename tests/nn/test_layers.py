@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,14 +12,6 @@ from torch import nn
 from lowbit.hw import profile
 from lowbit.nn import QuantAct, QuantConv2d, QuantLinear
 from lowbit.quant import Quantizer, register_quantizer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _SignSTE(torch.autograd.Function):

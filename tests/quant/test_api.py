@@ -4,7 +4,6 @@ BOPs of a quantized model, and the ``quantize`` recipe stage on the 8x8 digits (
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from lowbit.hw import profile
 from lowbit.models import create_model
 from lowbit.nn import QuantLinear
 from lowbit.quant import LayerQuant, QuantConfig, Quantizer, QuantReport, quantize_, register_quantizer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------ test-only quantizers (registered once)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,15 +29,6 @@ from lowbit.quant.binary import (
     swish_sign,
 )
 from lowbit.train import TrainConfig, fit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 floats = st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=64)
 

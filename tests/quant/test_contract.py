@@ -27,7 +27,7 @@ method is registered.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -36,14 +36,6 @@ from hypothesis import strategies as st
 
 import lowbit.quant  # noqa: F401  (imports every method, which registers it)
 from lowbit.quant import Quantizer, get_quantizer, quantizers
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _RefSign(Quantizer):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ from lowbit.quant.dorefa import (
     quantize_grad,
     quantize_k,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _levels(k: int) -> torch.Tensor:

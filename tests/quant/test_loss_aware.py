@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,14 +25,6 @@ from lowbit.quant.loss_aware import (
     project_to_grid,
 )
 from lowbit.quant.ternary import TWN
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _werr(w: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> float:

@@ -12,14 +12,6 @@ from lowbit.recipe import RecipeError, run_recipe, validate_recipe
 from lowbit.recipe.compress import clean_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _recipe(tmp_path: Path, stages: list[dict]) -> dict:
     return {
         "version": 1, "name": "dc", "output": str(tmp_path / "run"), "seed": 0,

@@ -62,3 +62,40 @@ def test_wrong_architecture_names_the_mismatched_tensors(tmp_path: Path) -> None
 
     with pytest.raises(CheckpointError, match="missing in .*conv1.weight"):
         load_state_into(create_model("lenet5"), {"fc9.weight": torch.zeros(1)})
+
+
+def test_a_quantized_model_reloads_quantized_not_as_float(tmp_path: Path) -> None:
+    from lowbit.quant import QuantConfig, quantize_
+
+    model = create_model("lenet5")
+    # ste_sign has no state: before transforms were recorded, this reloaded silently as a float model
+    quantize_(model, QuantConfig(rules={"conv2": {"weight": "ste_sign"}, "fc1": {"weight": "twn"}}))
+    path = save_model(tmp_path / "q.safetensors", model)
+    loaded, _ = load_model(path)
+    assert type(loaded.conv2).__name__ == "QuantConv2d" and type(loaded.conv1).__name__ == "Conv2d"
+    model.eval(), loaded.eval()
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    w = loaded.conv2.weight_quantizer(loaded.conv2.weight)
+    assert set(w.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_a_pruned_model_reloads_with_its_masks(tmp_path: Path) -> None:
+    from lowbit.prune import PruneConfig, masks_of, prune_
+
+    model = create_model("lenet300_100")
+    prune_(model, PruneConfig(rules={"*": 0.9}))
+    loaded, _ = load_model(save_model(tmp_path / "p.safetensors", model))
+    assert set(masks_of(loaded)) == set(masks_of(model))
+    assert torch.equal(loaded.fc1.weight, model.fc1.weight)
+
+
+def test_an_unknown_transform_in_a_file_is_refused(tmp_path: Path) -> None:
+    from lowbit.train.checkpoint import save_checkpoint
+
+    model = create_model("lenet5")
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "x.safetensors", tensors,
+                           {"model": {"name": "lenet5", "kwargs": {}, "transforms": [{"os.system": "rm -rf /"}]}})
+    with pytest.raises(CheckpointError, match="unknown model transform"):
+        load_model(path)

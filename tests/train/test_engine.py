@@ -59,31 +59,25 @@ _CHILD = textwrap.dedent(
 
 def test_resume_after_sigkill_gives_the_uninterrupted_result(tmp_path: Path) -> None:
     cfg = CFG.model_copy(update={"checkpoint_every": 5})
-    torch.set_num_threads(1)
-    try:
-        reference = fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "ref", show_progress=False)
-        run = tmp_path / "killed"
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(run), cfg.model_dump_json()])
-        last, killed_at = run / "last.safetensors", None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            if last.exists():
-                try:
-                    step = load_checkpoint(last).meta["step"]
-                except CheckpointError:  # cannot happen with atomic writes; would fail the test below
-                    raise
-                if step >= 60:  # inside epoch 2 (47 steps per epoch)
-                    os.kill(child.pid, signal.SIGKILL)
-                    child.wait()
-                    killed_at = load_checkpoint(last).meta["step"]
-                    break
-            time.sleep(0.01)
-        assert killed_at is not None, "the child finished or stalled before it could be killed"
-        assert killed_at % 47 != 0 and killed_at < 4 * 47  # killed mid-epoch, before the end
-        assert not (run / "model.safetensors").exists()
-        resumed = fit(_model(), load_dataset("digits"), cfg, run_dir=run, resume=True, show_progress=False)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    # the conftest runs every test on one thread, as the child below does: the runs are comparable
+    reference = fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "ref", show_progress=False)
+    run = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(run), cfg.model_dump_json()])
+    last, killed_at = run / "last.safetensors", None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if last.exists():
+            step = load_checkpoint(last).meta["step"]  # atomic writes: never a half-written file
+            if step >= 60:  # inside epoch 2 (47 steps per epoch)
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait()
+                killed_at = load_checkpoint(last).meta["step"]
+                break
+        time.sleep(0.01)
+    assert killed_at is not None, "the child finished or stalled before it could be killed"
+    assert killed_at % 47 != 0 and killed_at < 4 * 47  # killed mid-epoch, before the end
+    assert not (run / "model.safetensors").exists()
+    resumed = fit(_model(), load_dataset("digits"), cfg, run_dir=run, resume=True, show_progress=False)
     a = load_checkpoint(tmp_path / "ref" / "model.safetensors").group("model")
     b = load_checkpoint(run / "model.safetensors").group("model")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -37,14 +37,13 @@ def save_model(
 
 def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the registered model named in the file and load its decoded tensors (strictly)."""
-    from lowbit.models import create_model
-    from lowbit.train.checkpoint import CheckpointError, load_state_into
+    from lowbit.train.checkpoint import CheckpointError, load_state_into, rebuild
 
     tensors, meta = load(path)
-    arch = meta.get("model")
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
-        raise CodecError(f"{path}: the header does not name the model architecture")
-    model = create_model(arch["name"], **arch.get("kwargs", {}))
+    try:
+        model = rebuild(meta.get("model"), str(path))
+    except CheckpointError as e:
+        raise CodecError(str(e)) from None
     own = model.state_dict()
     # the file stores what the model holds; cast only where the dtype differs (a float32 codebook for a
     # float16 model, say), never the shape

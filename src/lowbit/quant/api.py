@@ -369,6 +369,12 @@ def quantize_(
         for parent, attr in refs[id(old)]:
             setattr(parent, attr, layer)
 
+    # Record what was done as exact-name rules, so a checkpoint of this model can be rebuilt by
+    # replaying it (lowbit.train.checkpoint.load_model), whatever rules, globs or filter_fn chose it.
+    applied = QuantConfig(rules={n: d.quant for n, d in plan.items() if d.quant is not None}, keep_first_last=False)
+    model.lowbit_transforms = [*getattr(model, "lowbit_transforms", []),  # type: ignore[assignment]
+                               {"quantize": applied.model_dump(mode="json")}]
+
     rows = []
     for name, d in plan.items():
         layer = new.get(name)
@@ -380,3 +386,8 @@ def quantize_(
             input=describe_spec(d.quant.input if d.quant else None),
             weight_bits=_bits(wq), input_bits=_bits(iq), rule=d.rule, note=d.note))
     return QuantReport(tuple(rows))
+
+
+def replay_quantize(model: nn.Module, record: dict[str, Any]) -> None:
+    """Re-apply a recorded ``quantize_`` (a checkpoint's ``transforms`` entry) to a fresh model."""
+    quantize_(model, QuantConfig.model_validate(record))

@@ -125,14 +125,45 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: st
     module.load_state_dict(state)
 
 
-def load_model(path: str | os.PathLike[str], **overrides: Any) -> tuple[nn.Module, Checkpoint]:
-    """Rebuild the model a checkpoint was saved from (by registry name) and load its weights."""
+# Transforms a model may have been through before it was saved, replayed in order on load. The table
+# names functions by import path so that this substrate module does not import the method packages;
+# only these entries can ever run (a name read from a file selects one of them, nothing else).
+_REPLAY = {"quantize": ("lowbit.quant.api", "replay_quantize")}
+
+
+def rebuild(arch: Any, where: str, **overrides: Any) -> nn.Module:
+    """A fresh model from an architecture record ``{"name", "kwargs", "transforms"}`` (see ``model_meta``)."""
+    import importlib
+
     from lowbit.models import create_model
 
-    ckpt = load_checkpoint(path)
-    arch = ckpt.meta.get("model")
-    if not isinstance(arch, dict) or "name" not in arch:
-        raise CheckpointError(f"{path}: metadata does not name the model architecture")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise CheckpointError(f"{where}: metadata does not name the model architecture")
     model = create_model(arch["name"], **{**arch.get("kwargs", {}), **overrides})
-    load_state_into(model, ckpt.group("model"), where=str(path))
+    for record in arch.get("transforms", []):
+        if not isinstance(record, dict) or len(record) != 1 or next(iter(record)) not in _REPLAY:
+            raise CheckpointError(f"{where}: unknown model transform {record!r}; known: {', '.join(_REPLAY)}")
+        (kind, config), = record.items()
+        module, fn = _REPLAY[kind]
+        try:
+            getattr(importlib.import_module(module), fn)(model, config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{where}: cannot replay the recorded {kind!r} transform: {e}") from e
+    return model
+
+
+def load_model(path: str | os.PathLike[str], **overrides: Any) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model a checkpoint was saved from (by registry name, replaying recorded transforms
+    such as ``quantize_``), restore pruning masks, and load its weights."""
+    ckpt = load_checkpoint(path)
+    model = rebuild(ckpt.meta.get("model"), str(path), **overrides)
+    state = ckpt.group("model")
+    if any(k.endswith("_mask") for k in state):  # a pruned model: masks are buffers beside their weights
+        from lowbit.prune.masks import restore_masks
+
+        try:
+            restore_masks(model, state)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    load_state_into(model, state, where=str(path))
     return model, ckpt

@@ -53,9 +53,14 @@ class FitResult:
 
 
 def model_meta(model: nn.Module) -> dict[str, Any]:
-    """The architecture record a checkpoint needs to rebuild ``model`` from the registry."""
-    return {"name": getattr(model, "lowbit_name", type(model).__name__),
+    """The architecture record a checkpoint needs to rebuild ``model`` from the registry: its name,
+    its constructor arguments, and the transforms (e.g. ``quantize_``) applied to it since, in order."""
+    meta = {"name": getattr(model, "lowbit_name", type(model).__name__),
             "kwargs": getattr(model, "lowbit_kwargs", {})}
+    transforms = getattr(model, "lowbit_transforms", None)
+    if transforms:
+        meta["transforms"] = list(transforms)
+    return meta
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, **meta: Any) -> Path:
