@@ -320,3 +320,20 @@ def test_a_bad_quantizer_name_fails_validation_before_anything_runs(tmp_path: Pa
                                           "'keep_first_last'\\?\\)"):
         validate_recipe(_recipe(tmp_path, [{"type": "quantize", "rules": {"*": {}}, "keep_first_lst": False}]))
     assert not (tmp_path / "run").exists()
+
+
+def test_swish_sign_scale_exists_before_the_optimizer_and_survives_a_checkpoint(tmp_path) -> None:
+    from lowbit.models import create_model
+    from lowbit.train import load_model, save_model
+
+    model = create_model("lenet5")
+    quantize_(model, QuantConfig(rules={"conv2": {"weight": "swish_sign"}}))
+    alpha = model.conv2.weight_quantizer.alpha
+    assert alpha is not None and alpha.shape == (50,)
+    assert any(p is alpha for p in model.parameters())  # an optimizer built now trains it
+    expected = model.conv2.weight.detach().abs().mean(dim=(1, 2, 3))
+    assert torch.allclose(alpha.detach(), expected)
+    with torch.no_grad():
+        alpha.mul_(2)
+    loaded, _ = load_model(save_model(tmp_path / "m.safetensors", model))
+    assert torch.equal(loaded.conv2.weight_quantizer.alpha, alpha)

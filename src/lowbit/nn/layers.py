@@ -78,6 +78,8 @@ def _adopt(new: nn.Module, module: nn.Module) -> None:
         q = getattr(new, attr)
         if q is not None:
             q.to(device=module.weight.device, dtype=module.weight.dtype)
+    if new.weight_quantizer is not None:  # weight-shaped quantizer parameters exist before any optimizer
+        new.weight_quantizer.init_from(new.weight)
     new.train(module.training)
 
 

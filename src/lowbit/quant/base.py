@@ -9,6 +9,7 @@ models and kernels read only this contract:
     scale: Tensor | None                   real value of one integer step, where meaningful
     zero_point: Tensor | None              the integer that represents real 0, where meaningful
     levels() -> Tensor | None              the finite set of real values the output takes, where fixed
+    init_from(weight)                      optional: create weight-dependent parameters up front
 
 The math and its custom gradient are plain functions (``torch.autograd.Function``) beside the class;
 the class holds hyper-parameters and state and is registered by name:
@@ -45,6 +46,11 @@ class Quantizer(nn.Module):
     def levels(self) -> torch.Tensor | None:
         """The sorted real values the output can take, when they are fixed (e.g. ``[-1, 1]``); else None."""
         return None
+
+    def init_from(self, weight: torch.Tensor) -> None:
+        """Called once with a layer's weight when a quantized layer adopts it (``from_float``), so that a
+        weight quantizer whose parameters depend on the weight (e.g. a per-channel scale) creates them
+        before any optimizer is built. Default: nothing."""
 
     def extra_repr(self) -> str:
         return f"bit_width={self.bit_width}"

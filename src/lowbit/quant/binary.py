@@ -373,6 +373,11 @@ class SwishSign(Quantizer):
         return self.alpha.detach() if self.alpha is not None else None
 
     @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        """Create alpha from the layer's weight (``quantize_``/``from_float`` call this before training)."""
+        if self.scaled:
+            self.init_scale(weight)
+
     def init_scale(self, weight: torch.Tensor) -> nn.Parameter:
         """Set ``alpha_c = mean |w_c|`` from ``weight`` (creating the parameter if needed) and return it."""
         value = _channel_mean_abs(weight.detach()).flatten()
