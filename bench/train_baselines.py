@@ -4,8 +4,11 @@
     python -m bench.train_baselines lenet5 resnet20 # some
 
 Each run checkpoints under ``$LOWBIT_RUNS`` (default ``~/.cache/lowbit/runs``) and resumes when
-started again. Final weights go to ``bench/checkpoints/NAME.safetensors`` (committed) and the
-test accuracies to ``bench/results/baselines.json``.
+started again. ``--snapshot`` copies an unfinished run's last checkpoint to
+``bench/checkpoints/partial/NAME.last.safetensors`` so that it can be committed and resumed on another
+machine: a run directory without a checkpoint starts from that snapshot when one exists. Final weights
+go to ``bench/checkpoints/NAME.safetensors`` (committed) and the test accuracies to
+``bench/results/baselines.json``.
 
 Targets (issue #2): LeNet-300-100 >= 98.2%, LeNet-5 >= 99.1% on MNIST; ResNet-20 >= 89.0% on the
 JPEG copy of CIFAR-10 (the paper: 91.25% on the lossless set with 64k iterations = 164 epochs).
@@ -36,6 +39,8 @@ TARGET_ACC = {"lenet300_100": 98.2, "lenet5": 99.1, "resnet20": 89.0}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {list(RECIPES)} (default: all)")
+    ap.add_argument("--snapshot", action="store_true", help="only copy unfinished runs' last checkpoints into "
+                    "bench/checkpoints/partial/ (to commit them), then stop")
     args = ap.parse_args()
     unknown = set(args.models) - set(RECIPES)
     if unknown:
@@ -47,9 +52,20 @@ def main() -> None:
         torch.manual_seed(cfg.seed)  # the initialization is part of the recipe
         model = create_model(name)
         run = runs_dir() / "baselines" / name
+        partial = CHECKPOINTS / "partial" / f"{name}.last.safetensors"
+        if args.snapshot:
+            if (run / "last.safetensors").exists() and not (run / "model.safetensors").exists():
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run / "last.safetensors", partial)
+                print(f"{name}: unfinished run copied to {partial}")
+            continue
+        if partial.exists() and not (run / "last.safetensors").exists():
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(partial, run / "last.safetensors")  # resume where another machine stopped
         res = fit(model, data, cfg, run_dir=run, resume=True)
         CHECKPOINTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run / "model.safetensors", CHECKPOINTS / f"{name}.safetensors")
+        partial.unlink(missing_ok=True)  # finished: the snapshot has served
         rows[name] = {
             "dataset": data.name, "test_acc_pct": round(res.final["test_acc"], 2),
             "target_acc_pct": TARGET_ACC[name], "meets_target": res.final["test_acc"] >= TARGET_ACC[name],
