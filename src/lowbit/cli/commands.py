@@ -154,19 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     sets = dict(action="append", default=[], metavar="KEY=VALUE",
                 help="override a recipe value, e.g. stages.0.epochs=3 (repeatable)")
 
-    p = sub.add_parser("run", help="run a YAML recipe")
-    p.add_argument("recipe", metavar="RECIPE")
-    p.add_argument("--set", **sets)
-    p.add_argument("--data-dir", **data_dir)
-    p.add_argument("--resume", action="store_true", help="continue training from the run's last checkpoint")
-    p.set_defaults(fn=cmd_run)
-
-    p = sub.add_parser("compress", help="run a compression recipe (prune, cluster, encode, report stages)")
-    p.add_argument("recipe", metavar="RECIPE")
-    p.add_argument("--set", **sets)
-    p.add_argument("--data-dir", **data_dir)
-    p.add_argument("--resume", action="store_true", help="continue training stages from their last checkpoints")
-    p.set_defaults(fn=cmd_compress)
+    for name, fn, text in (("run", cmd_run, "run a YAML recipe"),
+                           ("compress", cmd_compress, "run a compression recipe (prune, cluster, encode, report)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", metavar="RECIPE")
+        p.add_argument("--set", **sets)
+        p.add_argument("--data-dir", **data_dir)
+        p.add_argument("--resume", action="store_true", help="continue training stages from their last checkpoints")
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("train", help="train a registered model (a one-stage recipe)")
     p.add_argument("model", metavar="MODEL")

@@ -67,6 +67,10 @@ def _check_float(module: nn.Module, float_type: type[nn.Module], quant_type: typ
                         f"{type(module).__name__} (a subclass may compute something else in its forward)")
 
 
+def _layer_repr(layer: nn.Module, base: str) -> str:
+    return f"{base}, weight_bits={_bits(layer.weight_quantizer)}, input_bits={_bits(layer.input_quantizer)}"
+
+
 def _adopt(new: nn.Module, module: nn.Module) -> None:
     """Give ``new`` the float layer's parameters (the same objects), its extra buffers and training flag,
     and move the quantizers to the weight's device and dtype."""
@@ -152,8 +156,7 @@ class QuantConv2d(nn.Conv2d):
         return new
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, weight_bits={_bits(self.weight_quantizer)}, "
-                f"input_bits={_bits(self.input_quantizer)}")
+        return _layer_repr(self, super().extra_repr())
 
 
 class QuantLinear(nn.Linear):
@@ -215,8 +218,7 @@ class QuantLinear(nn.Linear):
         return new
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, weight_bits={_bits(self.weight_quantizer)}, "
-                f"input_bits={_bits(self.input_quantizer)}")
+        return _layer_repr(self, super().extra_repr())
 
 
 class QuantAct(nn.Module):
