@@ -9,53 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _quantizers import SIGN, Pact, Sign  # test-only quantizers (tests/_quantizers.py)
 from lowbit.hw import profile
 from lowbit.nn import QuantAct, QuantConv2d, QuantLinear
-from lowbit.quant import Quantizer, register_quantizer
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.where(x == 0, torch.ones_like(x), torch.sign(x))  # sign(0) = +1; NaN stays NaN
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1)
-
-
-@register_quantizer("test_nn_sign")
-class Sign(Quantizer):
-    """Test-only: ``sign(x)`` in {-1, +1}, hard-tanh straight-through gradient."""
-
-    bit_width = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignSTE.apply(x)
-
-    def levels(self) -> torch.Tensor:
-        return torch.tensor([-1.0, 1.0])
-
-
-class Pact(Quantizer):
-    """Test-only: k-bit uniform on ``[0, alpha]`` with a learned clip ``alpha`` (state in the state dict)."""
-
-    def __init__(self, bits: int = 4, alpha: float = 1.0) -> None:
-        super().__init__()
-        self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(alpha))
-
-    @property
-    def bit_width(self) -> int:  # type: ignore[override]
-        return self.bits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = 2**self.bits - 1
-        y = torch.minimum(x.clamp(min=0), self.alpha)
-        q = torch.round(y / self.alpha * n) * self.alpha / n
-        return q + (y - y.detach())  # straight-through: the gradient of the clipped value
 
 
 def test_constructor_matches_the_float_layer_init() -> None:
@@ -141,7 +97,7 @@ def test_forward_applies_input_then_weight_quantizer() -> None:
     expected = F.linear(Pact(2, alpha=1.5)(x), torch.where(fc.weight == 0, 1.0, fc.weight.sign()), fc.bias)
     assert torch.allclose(q(x), expected, atol=1e-6)
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    qc = QuantConv2d.from_float(conv, weight_quantizer="test_nn_sign")  # a registered name
+    qc = QuantConv2d.from_float(conv, weight_quantizer=SIGN)  # a registered name
     x = torch.randn(2, 3, 6, 6)
     assert torch.allclose(qc(x), F.conv2d(x, conv.weight.sign(), conv.bias, padding=1), atol=1e-5)
 
@@ -159,12 +115,12 @@ def test_gradients_reach_the_latent_weight_and_the_quantizer() -> None:
 
 
 def test_mapping_spec_is_resolved_and_bad_names_are_explained() -> None:
-    q = QuantConv2d(2, 2, 1, weight_quantizer={"name": "test_nn_sign"})
+    q = QuantConv2d(2, 2, 1, weight_quantizer={"name": SIGN})
     assert isinstance(q.weight_quantizer, Sign) and q.input_quantizer is None
-    with pytest.raises(KeyError, match="unknown quantizer 'no_such_thing'.*test_nn_sign"):
+    with pytest.raises(KeyError, match="unknown quantizer 'no_such_thing'.*test_sign"):
         QuantLinear(2, 2, weight_quantizer="no_such_thing")
-    with pytest.raises(TypeError, match="quantizer .test_nn_sign.*unexpected keyword argument .bits."):
-        QuantLinear(2, 2, input_quantizer={"name": "test_nn_sign", "bits": 3})
+    with pytest.raises(TypeError, match="quantizer .test_sign.*unexpected keyword argument .bits."):
+        QuantLinear(2, 2, input_quantizer={"name": SIGN, "bits": 3})
 
 
 def test_state_dict_has_float_keys_plus_quantizer_state_and_round_trips() -> None:
@@ -193,7 +149,7 @@ def test_deepcopy_and_repr_show_bit_widths() -> None:
 def test_quant_act() -> None:
     x = torch.randn(3, 5)
     assert torch.equal(QuantAct()(x), x) and "bits=float" in repr(QuantAct())
-    act = QuantAct("test_nn_sign")
+    act = QuantAct(SIGN)
     assert set(act(x).unique().tolist()) <= {-1.0, 1.0} and "bits=1" in repr(act)
 
 

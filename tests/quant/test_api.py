@@ -13,64 +13,20 @@ from pydantic import ValidationError
 from torch import nn
 
 import lowbit
+from _quantizers import SIGN, Sign  # test-only quantizers (tests/_quantizers.py)
 from lowbit.hw import profile
 from lowbit.models import create_model
 from lowbit.nn import QuantLinear
-from lowbit.quant import LayerQuant, QuantConfig, Quantizer, QuantReport, quantize_, register_quantizer
+from lowbit.quant import LayerQuant, QuantConfig, QuantReport, quantize_
 
-# ------------------------------------------------------------------ test-only quantizers (registered once)
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.where(x == 0, torch.ones_like(x), torch.sign(x))
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1)
+U2, U4, U8 = ({"name": "test_uniform", "bits": b} for b in (2, 4, 8))
 
 
-@register_quantizer("test_api_sign")
-class Sign(Quantizer):
-    """Test-only: ``sign(x)`` in {-1, +1} with the hard-tanh straight-through gradient."""
-
-    bit_width = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignSTE.apply(x)
-
-    def levels(self) -> torch.Tensor:
-        return torch.tensor([-1.0, 1.0])
+def _types(model: nn.Module) -> dict[str, str]:
+    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-@register_quantizer("test_api_uniform")
-class Uniform(Quantizer):
-    """Test-only: ``round(clamp(x, 0, 1) * n) / n`` with ``n = 2^bits - 1``, straight-through gradient."""
-
-    def __init__(self, bits: int = 4) -> None:
-        super().__init__()
-        if bits < 1:
-            raise ValueError(f"bits must be >= 1, got {bits}")
-        self.bits = bits
-
-    @property
-    def bit_width(self) -> int:  # type: ignore[override]
-        return self.bits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = 2**self.bits - 1
-        y = x.clamp(0, 1)
-        return torch.round(y * n) / n + (y - y.detach())  # straight-through, exactly the level forward
-
-    def levels(self) -> torch.Tensor:
-        return torch.linspace(0, 1, 2**self.bits)
-
-
-SIGN = "test_api_sign"
-U2, U4, U8 = ({"name": "test_api_uniform", "bits": b} for b in (2, 4, 8))
+U2, U4, U8 = ({"name": "test_uniform", "bits": b} for b in (2, 4, 8))
 
 
 def _types(model: nn.Module) -> dict[str, str]:
@@ -93,9 +49,9 @@ def test_glob_and_type_rules_keep_first_and_last_float_by_default() -> None:
     assert report.kept_float == {"conv1": "first layer (keep_first_last)", "fc2": "last layer (keep_first_last)"}
     rows = {r.name: r for r in report.layers}
     assert (rows["conv2"].rule, rows["conv2"].weight, rows["conv2"].weight_bits, rows["conv2"].input_bits) == \
-        ("conv*", "test_api_uniform(bits=2)", 2, 32)
+        ("conv*", "test_uniform(bits=2)", 2, 32)
     assert (rows["fc1"].rule, rows["fc1"].weight, rows["fc1"].input, rows["fc1"].input_bits) == \
-        ("Linear", SIGN, "test_api_uniform(bits=4)", 4)
+        ("Linear", SIGN, "test_uniform(bits=4)", 4)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in before.items())  # weights carried over unchanged
     assert model(x).shape == (2, 10)
@@ -152,14 +108,14 @@ def test_a_shadowed_rule_is_an_error() -> None:
 
 
 def test_unknown_quantizer_or_bad_arguments_fail_when_the_config_is_built() -> None:
-    with pytest.raises(ValidationError, match=r"unknown quantizer 'test_api_sing'.*did you mean test_api_sign"):
-        QuantConfig(rules={"*": {"weight": "test_api_sing"}})
-    with pytest.raises(ValidationError, match=r"valid names:.*test_api_uniform"):
+    with pytest.raises(ValidationError, match=r"unknown quantizer 'test_sing'.*did you mean test_sign"):
+        QuantConfig(rules={"*": {"weight": "test_sing"}})
+    with pytest.raises(ValidationError, match=r"valid names:.*test_uniform"):
         QuantConfig(rules={"*": {"input": {"name": "nope"}}})
     with pytest.raises(ValidationError, match="unexpected keyword argument 'bitz'"):
-        QuantConfig(rules={"*": {"weight": {"name": "test_api_uniform", "bitz": 2}}})
+        QuantConfig(rules={"*": {"weight": {"name": "test_uniform", "bitz": 2}}})
     with pytest.raises(ValidationError, match="bits must be >= 1"):
-        QuantConfig(rules={"*": {"weight": {"name": "test_api_uniform", "bits": 0}}})
+        QuantConfig(rules={"*": {"weight": {"name": "test_uniform", "bits": 0}}})
     with pytest.raises(ValidationError, match="needs a 'name' key"):
         LayerQuant(weight={"bits": 2})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
@@ -231,10 +187,10 @@ def test_report_is_a_table_and_json() -> None:
     assert lines[1].split() == ["layer", "type", "weight", "input", "W", "bits", "A", "bits", "rule"]
     assert lines[2].split()[:6] == ["conv1", "Conv2d", "float", "float", "32", "32"]
     assert "float: first layer (keep_first_last)" in lines[2]
-    assert lines[3].split() == ["conv2", "Conv2d", SIGN, "test_api_uniform(bits=4)", "1", "4", "'*'"]
+    assert lines[3].split() == ["conv2", "Conv2d", SIGN, "test_uniform(bits=4)", "1", "4", "'*'"]
     doc = json.loads(json.dumps(report.to_dict()))
     assert doc["quantized"] == ["conv2", "fc1"] and doc["kept_float"]["fc2"] == "last layer (keep_first_last)"
-    assert doc["layers"][1] == {"name": "conv2", "type": "Conv2d", "weight": SIGN, "input": "test_api_uniform(bits=4)",
+    assert doc["layers"][1] == {"name": "conv2", "type": "Conv2d", "weight": SIGN, "input": "test_uniform(bits=4)",
                                 "weight_bits": 1, "input_bits": 4, "rule": "*", "note": ""}
 
 
@@ -310,11 +266,11 @@ def test_a_bad_quantizer_name_fails_validation_before_anything_runs(tmp_path: Pa
     from lowbit.recipe import RecipeError, validate_recipe
 
     stages = [
-        {"type": "quantize", "rules": {"*": {"weight": "test_api_sgn"}}},
+        {"type": "quantize", "rules": {"*": {"weight": "test_sgn"}}},
         {"type": "train", "epochs": 1, "batch_size": 32, "channels_last": False},
     ]
-    with pytest.raises(RecipeError, match=r"stages\[0\]\.rules\.\*\.weight: unknown quantizer 'test_api_sgn' "
-                                          r"\(did you mean test_api_sign.*valid names: .*test_api_uniform"):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.rules\.\*\.weight: unknown quantizer 'test_sgn' "
+                                          r"\(did you mean test_sign.*valid names: .*test_uniform"):
         validate_recipe(_recipe(tmp_path, stages))
     with pytest.raises(RecipeError, match=r"stages\[0\]\.keep_first_lst: unknown key \(did you mean "
                                           "'keep_first_last'\\?\\)"):
