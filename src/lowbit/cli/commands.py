@@ -94,6 +94,89 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     _table(("dataset", "description"), [(n, (datasets.get(n).__doc__ or "").strip().splitlines()[0]) for n in datasets])
 
 
+def _int8_source(args: argparse.Namespace) -> tuple[Any, str, tuple[int, ...], str | None]:
+    """(float model, title, input shape, data set name) for ``export`` / ``lower``."""
+    from lowbit.models import model_entry
+
+    if args.model.endswith((".safetensors", ".lbz")) or Path(args.model).is_file():
+        model, meta = _load_file(args.model)
+        arch = (meta.get("model") or {}).get("name")
+        entry = model_entry(arch) if isinstance(arch, str) else None
+        shape = meta.get("input_shape") or (entry.input_shape if entry else None)
+        dataset = meta.get("dataset") or (entry.dataset if entry else None)
+    else:
+        from lowbit.models import create_model
+
+        model, entry = create_model(args.model), model_entry(args.model)
+        shape, dataset = entry.input_shape, entry.dataset
+    shape = args.input_shape or (tuple(shape) if shape else None)
+    if shape is None:
+        raise ValueError(f"{args.model}: the input shape is unknown; pass --input-shape C,H,W")
+    return model.eval(), args.model, tuple(shape), args.data or dataset
+
+
+def _calibrated(args: argparse.Namespace, model: Any, shape: tuple[int, ...], dataset: str | None) -> Any:
+    """The model prepared for int8 and calibrated on ``--calibrate`` batches of real data (``--data``,
+    default the model's data set) or, with ``--random-calibration``, of N(0, 1) inputs."""
+    import torch
+
+    from lowbit.graph import Int8Config, calibrate, prepare_ptq
+
+    cfg = Int8Config(weight_bits=args.weight_bits, calibration=args.calibration, rounding=args.rounding)
+    prepared = prepare_ptq(model, cfg)
+    if args.random_calibration or dataset is None:
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randn(32, *shape, generator=gen) for _ in range(args.calibrate)]
+        print(f"calibrating on {args.calibrate} batches of random N(0, 1) inputs: the scales are placeholders")
+    else:
+        from lowbit.data import load_dataset
+
+        batches = load_dataset(dataset, args.data_dir).loader("train", 128, shuffle=True, augment=False)
+        print(f"calibrating on {args.calibrate} batches of {dataset} (train split)")
+    calibrate(prepared, batches, args.calibrate)
+    return prepared
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.export import export
+
+    model, title, shape, dataset = _int8_source(args)
+    if args.format == "onnx-qdq":
+        model = _calibrated(args, model, shape, dataset)
+    out = args.out or str(Path(args.model).stem if Path(args.model).is_file() else args.model) + f".{args.format}.onnx"
+    path = export(model, out, format=args.format, example=torch.zeros(1, *shape))
+    print(f"{title}: wrote {path} ({path.stat().st_size:,} bytes, format {args.format})")
+    if args.format == "onnx-qdq":
+        from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report
+
+        rep = integer_kernel_report(path)
+        print(f"onnxruntime (optimization level {rep['level']}): {rep['integer']} conv/linear on integer kernels, "
+              f"{rep['float']} float" + (f": {', '.join(rep['float_nodes'])}" if rep["float"] else ""))
+        if args.weight_bits == 8 and not cpu_has_vnni():
+            print("note: this CPU has no VNNI: onnxruntime's u8s8 kernels here can saturate int16 pair sums with "
+                  "8-bit weights; --weight-bits 7 keeps its results exactly those of the integer model")
+
+
+def cmd_lower(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from lowbit.graph import convert, format_graph
+
+    model, title, shape, dataset = _int8_source(args)
+    prepared = _calibrated(args, model, shape, dataset)
+    lowered = convert(prepared)
+    if args.print:
+        print(format_graph(prepared, title=f"== {title}: prepared (fused layers, quantization points) =="))
+        print()
+        print(format_graph(lowered, title=f"== {title}: lowered to integer operations =="))
+    else:
+        mods = dict(lowered.named_modules())
+        ops = Counter(type(mods[n.target]).__name__ for n in lowered.graph.nodes if n.op == "call_module")
+        print(f"{title}: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + " (--print shows the graph)")
+
+
 def _load_file(path: str) -> tuple[Any, dict[str, Any]]:
     """(model, metadata) from a checkpoint (.safetensors) or a compressed model (.lbz)."""
     if path.endswith(".lbz"):
@@ -197,6 +280,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list registered data sets")
     p.set_defaults(fn=cmd_datasets)
+
+    from lowbit.export import list_exporters
+
+    int8_opts = (
+        (("--calibrate",), dict(type=int, default=16, metavar="N", help="calibration batches (default 16)")),
+        (("--data",), dict(metavar="DATASET", help="calibration data set (default: the model's)")),
+        (("--random-calibration",), dict(action="store_true", help="calibrate on N(0, 1) inputs (no data)")),
+        (("--calibration",), dict(choices=["minmax", "percentile", "mse"], default="minmax")),
+        (("--weight-bits",), dict(type=int, choices=[8, 7], default=8,
+                                  help="7: weights in [-63, 63] for AVX2 CPUs without VNNI (no int16 saturation)")),
+        (("--rounding",), dict(choices=["gemmlowp", "single"], default="gemmlowp")),
+        (("--input-shape",), dict(type=_shape, metavar="C,H,W", help="default: the model's registered input")),
+        (("--data-dir",), data_dir),
+    )
+    p = sub.add_parser("export", help="write a model for another runtime (onnx-qdq: int8, calibrated here)")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
+    p.add_argument("--format", required=True, choices=list_exporters())
+    p.add_argument("--out", metavar="PATH", help="default: MODEL.FORMAT.onnx")
+    for flags, kw in int8_opts:
+        p.add_argument(*flags, **kw)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("lower", help="lower a model to int8 integer operations (calibrated here)")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
+    p.add_argument("--print", action="store_true", help="print the prepared and the lowered graph")
+    for flags, kw in int8_opts:
+        p.add_argument(*flags, **kw)
+    p.set_defaults(fn=cmd_lower)
     return ap
 
 

@@ -44,7 +44,7 @@ from lowbit.quant.base import Quantizer, get_quantizer
 
 __all__ = ["LAYER_TYPES", "LayerQuant", "LayerReport", "QuantConfig", "QuantReport", "describe_spec", "quantize_"]
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
+LAYER_TYPES: dict[str, type[nn.Module]] = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU}
 
 Spec = str | dict[str, Any]  # a registered quantizer name, or {"name": ..., **constructor arguments}
 
@@ -335,12 +335,13 @@ def quantize_(
         raise TypeError(f"quantize_ takes a QuantConfig, got {type(config).__name__}{hint}")
     # lazy: lowbit.nn.layers imports lowbit.quant.base, and lowbit.quant imports this module
     from lowbit.nn.layers import QuantConv2d, QuantLinear
+    from lowbit.nn.recurrent import QuantGRU, QuantLSTM
 
-    quant_types: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
-        nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+    quant_types: dict[type[nn.Module], Any] = {
+        nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, nn.LSTM: QuantLSTM, nn.GRU: QuantGRU}
     layers = _eligible(model)
     if not layers:
-        done = [n for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        done = [n for n, m in model.named_modules() if isinstance(m, tuple(quant_types.values()))]
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d/nn.Linear layer to quantize"
                          + (f" (already quantized: {', '.join(done)})" if done else ""))
     if "" in layers:

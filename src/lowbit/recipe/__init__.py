@@ -7,7 +7,7 @@ Stage types come from the ``stages`` registry (``@register_stage(name, ConfigMod
 :mod:`lowbit.recipe.stages` for the built-in ``train``, ``evaluate``, ``summary`` and ``save``.
 """
 
-from lowbit.recipe import compress, quant_stages  # noqa: F401  (register prune, cluster, encode, report; quantize)
+from lowbit.recipe import compress, distill_stages, int8_stages, quant_stages  # noqa: F401  (register their stages)
 from lowbit.recipe.loader import apply_overrides, load_recipe, read_yaml
 from lowbit.recipe.runner import build_model, run_recipe
 from lowbit.recipe.schema import DataSpec, ModelSpec, Recipe, RecipeError, StageCall, validate_recipe

@@ -35,10 +35,13 @@ __all__ = ["Callback", "FitResult", "fit", "evaluate", "build_optimizer", "model
 class Callback(Protocol):
     """Hooks for methods that act during training (pruning masks, regularizers, quantizer updates).
 
-    Every method is optional: the engine calls only those a callback defines.
+    Every method is optional: the engine calls only those a callback defines. ``task_loss``, defined by at
+    most one callback (e.g. knowledge distillation), replaces the cross-entropy of the batch: it gets the
+    inputs, targets and the model's logits and returns the loss to train on (``label_smoothing`` must be 0).
     """
 
     def on_fit_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def task_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None: ...
     def after_step(self, model: nn.Module, step: int) -> None: ...
     def after_epoch(self, model: nn.Module, epoch: int) -> None: ...
@@ -215,6 +218,12 @@ def fit(
         })
 
     hooks = lambda name: [getattr(c, name) for c in callbacks if hasattr(c, name)]  # noqa: E731
+    task_loss = hooks("task_loss")
+    if len(task_loss) > 1:
+        raise ValueError(f"{len(task_loss)} callbacks define task_loss; at most one may replace the training loss")
+    if task_loss and cfg.label_smoothing:
+        raise ValueError("label_smoothing applies to the cross-entropy, which a callback's task_loss replaces: "
+                         "set it to 0")
     for start in hooks("on_fit_start"):  # e.g. optimizer wrappers (loss-aware quantization reads Adam's state)
         start(model, opt)
     model.train()
@@ -237,7 +246,7 @@ def fit(
                     g["lr"] = lr
                 x, y = _prepare(x, device, channels_last), y.to(device)
                 logits = model(x)
-                loss = _loss(logits, y, cfg.label_smoothing)
+                loss = task_loss[0](model, x, y, logits) if task_loss else _loss(logits, y, cfg.label_smoothing)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
                                              "lower the learning rate or check the data")
