@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 __all__ = [
@@ -83,12 +84,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if size > _MAX_FILE_BYTES:
         raise CheckpointError(f"{path}: {size} bytes is larger than the {_MAX_FILE_BYTES} allowed")
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            raw_meta = (f.metadata() or {}).get("lowbit")
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        # one read: a writer may atomically replace the file between two opens (a run being watched)
+        data = path.read_bytes()
+        tensors = load(data)
+        (n,) = struct.unpack("<Q", data[:8])  # safetensors: u64 header length, then the JSON header
+        raw_meta = (json.loads(data[8:8 + n]).get("__metadata__") or {}).get("lowbit")
+    except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if raw_meta is None:
         raise CheckpointError(f"{path}: safetensors file without lowbit metadata; not a lowbit checkpoint")
