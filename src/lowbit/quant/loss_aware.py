@@ -100,7 +100,9 @@ def project_to_grid(u: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     projection for a fixed scale, whatever ``d`` is.
     """
     mids = (grid[1:] + grid[:-1]) / 2  # decision boundaries between neighbouring levels
-    mag = grid[torch.bucketize(u.abs(), mids)]  # bucketize: boundaries[i-1] < |u| <= boundaries[i] -> i
+    # bucketize: boundaries[i-1] < |u| <= boundaries[i] -> i. It needs a contiguous input: given a channels-last
+    # weight it would copy it anyway, with a UserWarning in every channels-last training run.
+    mag = grid[torch.bucketize(u.abs().contiguous(), mids)]
     return torch.where(mag > 0, torch.sign(u) * mag, torch.zeros_like(u))
 
 
