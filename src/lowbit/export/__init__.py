@@ -18,7 +18,7 @@ from typing import Any
 
 from lowbit._registry import Registry
 
-__all__ = ["Exporter", "export", "exporters", "list_exporters", "register_exporter"]
+__all__ = ["Exporter", "export", "exporters", "list_exporters", "register_exporter", "save_onnx"]
 
 Exporter = Callable[..., Path]
 exporters: Registry[Exporter] = Registry("export format")
@@ -49,3 +49,22 @@ def export(model: Any, path: str | os.PathLike[str], format: str, **options: Any
         raise KeyError(f"unknown export format {format!r}; known: {', '.join(list_exporters())}")
     _load(format)
     return exporters.get(format)(model, Path(path), **options)
+
+
+def save_onnx(proto: Any, path: Path) -> Path:
+    """Write an ONNX ``ModelProto`` to ``path`` atomically (a temporary file renamed into place), so that a
+    crash never leaves a half-written model where a runtime or compiler will look for it."""
+    import tempfile
+
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

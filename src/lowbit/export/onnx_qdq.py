@@ -46,7 +46,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
-from lowbit.export import register_exporter
+from lowbit.export import register_exporter, save_onnx
 from lowbit.graph.lower import convert, is_lowered
 from lowbit.graph.prepare import LoweringError, is_int8_prepared
 from lowbit.graph.qops import (
@@ -297,15 +297,7 @@ def export_onnx_qdq(model: nn.Module, path: Path, example: torch.Tensor | None =
     if check:
         onnx.checker.check_model(proto)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_onnx(proto, path)
     if verify_kernels and importlib.util.find_spec("onnxruntime") is not None:
         report = integer_kernel_report(path)
         if report["float"]:

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from lowbit.export import register_exporter
+from lowbit.export import register_exporter, save_onnx
 from lowbit.graph.thresholds import bn_sign_thresholds, float_thresholds, integer_thresholds
 from lowbit.nn.layers import QuantAct
 from lowbit.quant.affine import AffineQuantizer
@@ -605,13 +604,4 @@ def export_qonnx(
     proto = helper.make_model(graph, producer_name="lowbit", opset_imports=[
         helper.make_opsetid("", OPSET), helper.make_opsetid(QONNX_DOMAIN, 1)])
     proto.ir_version = 8  # readable by the onnx/onnxruntime versions FINN pins
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_onnx(proto, path)
