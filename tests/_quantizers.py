@@ -38,7 +38,11 @@ class Sign(Quantizer):
 
 @register_quantizer("test_uniform")
 class Uniform(Quantizer):
-    """Test-only: ``round(clamp(x, 0, 1) * n) / n`` with ``n = 2^bits - 1``, straight-through gradient."""
+    """Test-only: ``round(clamp(x, 0, 1) * n) / n`` with ``n = 2^bits - 1``, straight-through gradient.
+
+    References:
+        Zhou et al., "DoReFa-Net", arXiv:1606.06160 (the activation quantizer).
+    """
 
     def __init__(self, bits: int = 4) -> None:
         super().__init__()

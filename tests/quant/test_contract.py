@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lowbit.quant  # noqa: F401  (imports every method, which registers it)
+from _quantizers import Uniform  # round(clamp(x, 0, 1) * n) / n, DoReFa-style activations
 from lowbit.quant import Quantizer, get_quantizer, quantizers
 
 
@@ -57,33 +58,9 @@ class _RefSign(Quantizer):
         return None if self.scale is None else torch.stack([-self.scale, self.scale])
 
 
-class _RefUniform(Quantizer):
-    """Reference: ``round(clamp(x, 0, 1) * n) / n``, ``n = 2^bits - 1`` (DoReFa activations), clipped STE.
-
-    References:
-        Zhou et al., "DoReFa-Net", arXiv:1606.06160.
-    """
-
-    def __init__(self, bits: int = 3) -> None:
-        super().__init__()
-        self.bits = bits
-
-    @property
-    def bit_width(self) -> int:  # type: ignore[override]
-        return self.bits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = 2**self.bits - 1
-        y = x.clamp(0, 1)
-        return torch.round(y * n) / n + (y - y.detach())  # exactly the level, the gradient of y
-
-    def levels(self) -> torch.Tensor:
-        return torch.linspace(0, 1, 2**self.bits)
-
-
 REGISTERED = [name for name in quantizers.list() if not name.startswith("test_")]
 CASES = [pytest.param(name, id=name) for name in REGISTERED] + [
-    pytest.param(_RefSign, id="reference-sign"), pytest.param(_RefUniform, id="reference-uniform")]
+    pytest.param(_RefSign, id="reference-sign"), pytest.param(Uniform, id="reference-uniform")]
 SHAPES = [(16, 9), (4, 3, 5, 5)]  # a Linear weight / activations, a Conv2d weight / activations
 
 
