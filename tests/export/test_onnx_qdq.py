@@ -112,7 +112,7 @@ def test_cli_export_writes_an_integer_onnx_file(tmp_path: Path, capsys: pytest.C
 
     out = tmp_path / "lenet5.onnx"
     assert main(["export", "lenet5", "--format", "onnx-qdq", "--out", str(out), "--calibrate", "2",
-                 "--weight-bits", "7"]) == 0
+                 "--weight-bits", "7", "--speed-batch", "0"]) == 0
     text = capsys.readouterr().out
     assert "calibrating on 2 batches of mnist" in text and "4 conv/linear on integer kernels, 0 float" in text
     assert integer_kernel_report(out)["float"] == 0
@@ -138,3 +138,50 @@ def test_export_warns_exactly_when_onnxruntime_leaves_float_kernels(tmp_path: Pa
         floats = integer_kernel_report(path)["float"]
         warned = [w for w in caught if issubclass(w.category, RuntimeWarning) and "in float" in str(w.message)]
         assert bool(warned) == (floats > 0), (activation, floats)
+
+
+@pytest.mark.parametrize("int8_slower", [False, True])
+def test_export_keeps_the_float_model_exactly_when_int8_is_slower(
+        int8_slower: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from lowbit.export import onnx_qdq
+
+    model, shape = MODELS["lenet5"]
+    _, q = int8(model, shape, MATCH)
+    timed: list[int] = []
+
+    def fake_median_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, runs: int) -> dict:
+        timed.append(len(x))
+        return {"int8": 2.0 if int8_slower else 1.0, "float": 1.5}
+
+    monkeypatch.setattr(onnx_qdq, "_median_ms", fake_median_ms)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export(q, tmp_path / "m.onnx", format="onnx-qdq", example=torch.zeros(1, *shape), float_model=model,
+                      speed_batch=3)
+    assert timed == [3]
+    kept_float = [w for w in caught if "wrote the float model" in str(w.message)]
+    assert bool(kept_float) == int8_slower
+    report = integer_kernel_report(path)
+    x = torch.randn(4, *shape)
+    got = _session(path).run(None, {_session(path).get_inputs()[0].name: x.numpy()})[0]
+    if int8_slower:  # the float file: float kernels only, and the float model's outputs
+        assert report["integer"] == 0 and report["float"] == 4
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model.eval()(x).numpy(), rtol=1e-4, atol=1e-4)
+    else:
+        assert report["integer"] == 4 and report["float"] == 0
+
+
+def test_speed_check_measures_both_files_and_rejects_a_bad_batch(tmp_path: Path) -> None:
+    from lowbit.export.onnx_qdq import keep_float_if_slower
+
+    model, shape = MODELS["lenet5"]
+    _, q = int8(model, shape, MATCH)
+    path = export(q, tmp_path / "m.onnx", format="onnx-qdq", example=torch.zeros(1, *shape))
+    sp = keep_float_if_slower(path, model, torch.zeros(1, *shape), batch=2, rounds=1, runs=2)
+    assert sp["int8_ms"] > 0 and sp["float_ms"] > 0 and sp["kept"] in ("int8", "float")
+    assert (integer_kernel_report(path)["integer"] == 0) == (sp["kept"] == "float")
+    with pytest.raises(ValueError, match="batch and threads must be >= 1"):
+        keep_float_if_slower(path, model, torch.zeros(1, *shape), batch=0)

@@ -142,14 +142,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from lowbit.export import export
 
-    model, title, shape, dataset = _int8_source(args)
-    if args.format == "onnx-qdq":
-        model = _calibrated(args, model, shape, dataset)
+    float_model, title, shape, dataset = _int8_source(args)
+    model = _calibrated(args, float_model, shape, dataset) if args.format == "onnx-qdq" else float_model
     out = args.out or str(Path(args.model).stem if Path(args.model).is_file() else args.model) + f".{args.format}.onnx"
-    path = export(model, out, format=args.format, example=torch.zeros(1, *shape))
+    example = torch.zeros(1, *shape)
+    path = export(model, out, format=args.format, example=example)
     print(f"{title}: wrote {path} ({path.stat().st_size:,} bytes, format {args.format})")
     if args.format == "onnx-qdq":
-        from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report
+        from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report, keep_float_if_slower
 
         rep = integer_kernel_report(path)
         print(f"onnxruntime (optimization level {rep['level']}): {rep['integer']} conv/linear on integer kernels, "
@@ -157,6 +157,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.weight_bits == 8 and not cpu_has_vnni():
             print("note: this CPU has no VNNI: onnxruntime's u8s8 kernels here can saturate int16 pair sums with "
                   "8-bit weights; --weight-bits 7 keeps its results exactly those of the integer model")
+        if args.speed_batch:
+            sp = keep_float_if_slower(path, float_model, example, batch=args.speed_batch, threads=args.threads)
+            verdict = ("kept int8" if sp["kept"] == "int8" else
+                       f"int8 is slower here: wrote the FLOAT model to {path} instead ({path.stat().st_size:,} bytes)")
+            print(f"onnxruntime at batch {sp['batch']}, {sp['threads']} thread(s): int8 {sp['int8_ms']:.3f} ms, "
+                  f"float {sp['float_ms']:.3f} ms ({sp['speedup']:.2f}x): {verdict}")
 
 
 def cmd_lower(args: argparse.Namespace) -> None:
@@ -298,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
     p.add_argument("--format", required=True, choices=list_exporters())
     p.add_argument("--out", metavar="PATH", help="default: MODEL.FORMAT.onnx")
+    p.add_argument("--speed-batch", type=int, default=1, metavar="B",
+                   help="onnx-qdq: time int8 against float in onnxruntime at batch B on this machine and write the "
+                        "float model if int8 is slower (default 1; 0: don't time)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for --speed-batch (default 1)")
     for flags, kw in int8_opts:
         p.add_argument(*flags, **kw)
     p.set_defaults(fn=cmd_export)

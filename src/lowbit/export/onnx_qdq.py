@@ -35,6 +35,7 @@ import importlib.util
 import operator
 import os
 import tempfile
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -63,7 +64,8 @@ from lowbit.graph.qops import (
     Requantize,
 )
 
-__all__ = ["export_onnx_qdq", "integer_kernel_report", "cpu_has_vnni", "FLOAT_COMPUTE_OPS", "INTEGER_COMPUTE_OPS"]
+__all__ = ["export_onnx_qdq", "integer_kernel_report", "keep_float_if_slower", "cpu_has_vnni", "FLOAT_COMPUTE_OPS",
+           "INTEGER_COMPUTE_OPS"]
 
 OPSET = 17
 # onnxruntime op types that do the heavy arithmetic, after its optimizer
@@ -257,7 +259,8 @@ def _shape_op(w: _Writer, node: fx.Node, args: tuple[Any, ...], base: str) -> st
 
 @register_exporter("onnx-qdq")
 def export_onnx_qdq(model: nn.Module, path: Path, example: torch.Tensor | None = None, check: bool = True,
-                    verify_kernels: bool = True) -> Path:
+                    verify_kernels: bool = True, float_model: nn.Module | None = None, speed_batch: int = 1,
+                    threads: int = 1) -> Path:
     """Write an int8 model as ONNX with QuantizeLinear/DequantizeLinear (see the module docstring).
 
     Args:
@@ -269,6 +272,10 @@ def export_onnx_qdq(model: nn.Module, path: Path, example: torch.Tensor | None =
         verify_kernels: load the file in onnxruntime (when installed) and warn (``RuntimeWarning``, naming the
             nodes) if its optimizer leaves any convolution or matrix product in float on this machine, e.g.
             int8 activations on x86 CPUs without VNNI: such a file is not an int8 model where it runs.
+        float_model: the float model ``model`` was quantized from. When given, onnxruntime times the int8 file
+            against this model's float ONNX at batch ``speed_batch`` with ``threads`` threads on this machine
+            (:func:`keep_float_if_slower`); if int8 is slower, ``path`` gets the float model instead and a
+            ``RuntimeWarning`` says so with both latencies.
 
     Returns:
         ``path``.
@@ -305,7 +312,80 @@ def export_onnx_qdq(model: nn.Module, path: Path, example: torch.Tensor | None =
                           f"float on this machine ({', '.join(report['float_nodes'][:5])}"
                           f"{' ...' if report['float'] > 5 else ''}); uint8 activations (Int8Config(activation="
                           "'uint8'), the default) run on its integer kernels", RuntimeWarning, stacklevel=3)
+    if float_model is not None:
+        speed = keep_float_if_slower(path, float_model, example, batch=speed_batch, threads=threads)
+        if speed["kept"] == "float":
+            warnings.warn(f"onnx-qdq: int8 is slower than float in onnxruntime at batch {speed_batch} on this machine "
+                          f"({speed['int8_ms']:.3f} ms vs {speed['float_ms']:.3f} ms): wrote the float model to "
+                          f"{path.name} instead", RuntimeWarning, stacklevel=3)
     return path
+
+
+def _median_ms(sessions: dict[str, Any], x: np.ndarray, rounds: int, runs: int) -> dict[str, float]:
+    """Median latency (ms) of each onnxruntime session on ``x``, timed in interleaved rounds so that a change
+    in the machine's load hits both alike."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up: first-run allocations and kernel selection
+        s.run(None, {s.get_inputs()[0].name: x})
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            feed = {s.get_inputs()[0].name: x}
+            for _ in range(runs):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def keep_float_if_slower(path: str | os.PathLike[str], float_model: nn.Module, example: torch.Tensor,
+                         batch: int = 1, threads: int = 1, rounds: int = 5, runs: int = 10) -> dict[str, Any]:
+    """Time the int8 ONNX file at ``path`` against ``float_model`` exported as float ONNX, in onnxruntime at
+    batch ``batch`` on this machine; if int8 is slower, replace ``path`` with the float file.
+
+    Small models at batch 1 can lose in int8: the quantize/dequantize at the edges and the requantization
+    between layers cost more than the integer arithmetic saves. Timing is the median of ``rounds`` interleaved
+    rounds of ``runs`` runs each (both files under the same load).
+
+    Returns:
+        ``{"batch", "threads", "int8_ms", "float_ms", "speedup", "kept"}`` with ``kept`` "int8" or "float".
+
+    Example:
+        >>> keep_float_if_slower("m.onnx", float_model, torch.zeros(1, 3, 32, 32))["kept"]  # doctest: +SKIP
+        'int8'
+    """
+    import onnxruntime as ort
+
+    if batch < 1 or threads < 1:
+        raise ValueError(f"batch and threads must be >= 1, got batch={batch}, threads={threads}")
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "float.onnx"
+        _float_onnx(float_model, example, fp32)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+        sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                    for k, p in (("int8", path), ("float", fp32))}
+        x = np.random.default_rng(0).standard_normal((batch, *example.shape[1:])).astype(np.float32)
+        ms = _median_ms(sessions, x, rounds, runs)
+        kept = "float" if ms["int8"] > ms["float"] else "int8"
+        if kept == "float":
+            save_onnx(onnx.load(str(fp32)), path)
+    return {"batch": batch, "threads": threads, "int8_ms": round(ms["int8"], 4), "float_ms": round(ms["float"], 4),
+            "speedup": round(ms["float"] / ms["int8"], 3), "kept": kept}
+
+
+def _float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``model`` (float, eval mode) as float ONNX with a dynamic batch dimension, by torch's exporter."""
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              opset_version=OPSET)
+    finally:
+        model.train(was_training)
 
 
 def cpu_has_vnni() -> bool:
