@@ -131,3 +131,35 @@ def test_fit_start_and_end_hooks_see_the_optimizer_and_change_the_final_result()
     assert isinstance(probe.optimizer, torch.optim.SGD)
     assert res.history[-1]["test_acc"] > 50  # trained...
     assert res.final["test_acc"] < 20  # ...but the final numbers are measured after on_fit_end
+
+
+@pytest.mark.parametrize("quantizer_wd", [0.0, 0.5])
+def test_quantizer_parameters_get_their_own_weight_decay(quantizer_wd: float) -> None:
+    from _quantizers import Pact
+    from lowbit.nn import QuantLinear
+    from lowbit.train.engine import build_optimizer
+
+    layer = QuantLinear(4, 3, input_quantizer=Pact(alpha=2.0))
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.5, quantizer_weight_decay=quantizer_wd)
+    opt = build_optimizer(layer, cfg)
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)  # a step on zero gradients moves a parameter by its weight decay only
+    w0, alpha0 = layer.weight.detach().clone(), layer.input_quantizer.alpha.item()
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), w0 * (1 - 0.1 * 0.5))
+    assert layer.input_quantizer.alpha.item() == pytest.approx(alpha0 * (1 - 0.1 * quantizer_wd))
+    assert len(opt.param_groups) == (1 if quantizer_wd == 0.5 else 2)
+
+
+def test_resume_accepts_a_config_saved_before_a_field_was_added() -> None:
+    from lowbit.train.engine import _same_config
+
+    cfg = TrainConfig(epochs=2, lr=0.05)
+    saved = cfg.model_dump(mode="json")
+    assert _same_config(saved, cfg)
+    del saved["quantizer_weight_decay"]  # written by a lowbit that had no such field: its default
+    assert _same_config(saved, cfg)
+    assert not _same_config({**saved, "lr": 0.1}, cfg)
+    assert not _same_config({**saved, "no_such_field": 1}, cfg)
+    assert not _same_config(None, cfg)
+    assert not _same_config(saved, TrainConfig(epochs=2, lr=0.05, quantizer_weight_decay=1e-4))

@@ -23,6 +23,9 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
+    quantizer_weight_decay: float = Field(
+        0.0, ge=0, description="weight decay of the quantizers' own parameters (learned clip values, intervals, "
+        "bases, scales); 0 by default: decay would shrink the learned ranges (QIL's c/d, PACT's alpha, TTQ's scales)")
     schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
     milestones: tuple[int, ...] = Field((), description="epochs at which the 'step' schedule decays")
     gamma: float = Field(0.1, gt=0, le=1)

@@ -73,13 +73,33 @@ def save_model(path: str | os.PathLike[str], model: nn.Module, **meta: Any) -> P
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The optimizer of ``cfg`` over the trainable parameters of ``model``; the quantizers' own parameters (of
+    :class:`lowbit.quant.base.Quantizer` modules) get ``cfg.quantizer_weight_decay`` instead of ``weight_decay``
+    (a second parameter group, only when the two differ and the model has such parameters)."""
+    from lowbit.quant.base import Quantizer
+
+    quant_ids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    quant = [p for p in trainable if id(p) in quant_ids]
+    params: list[Any] = trainable
+    if quant and cfg.quantizer_weight_decay != cfg.weight_decay:
+        params = [{"params": [p for p in trainable if id(p) not in quant_ids]},
+                  {"params": quant, "weight_decay": cfg.quantizer_weight_decay}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _same_config(saved: Any, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's saved config is ``cfg``; a field added to TrainConfig since (absent from the saved
+    dict) counts as its default, so that adding a field does not orphan the runs written before."""
+    try:
+        return TrainConfig.model_validate(saved) == cfg
+    except ValueError:  # pydantic's ValidationError: not a TrainConfig of this version
+        return False
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -193,7 +213,7 @@ def fit(
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}  # running sums of the current epoch
     if resume and last is not None and last.exists():
         ckpt = load_checkpoint(last)
-        if ckpt.meta.get("train") != cfg.model_dump(mode="json"):
+        if not _same_config(ckpt.meta.get("train"), cfg):
             raise CheckpointError(f"{last}: was written with a different training config; "
                                   "resume needs the same one (or start a new run directory)")
         load_state_into(model, ckpt.group("model"), where=str(last))
