@@ -258,6 +258,24 @@ def test_clip_weights_after_an_sgd_step() -> None:
         ClipWeights().on_fit_start(nn.Sequential(nn.Linear(2, 2)), opt)
 
 
+
+def test_clip_weights_reaches_recurrent_and_pruned_weights() -> None:
+    from torch.nn.utils import prune
+
+    from lowbit.nn import QuantGRU
+
+    torch.manual_seed(0)
+    gru = QuantGRU(4, 6, weight_quantizer="ste_sign")
+    lin = _linear_with(SteSign(), out=3, inp=6)
+    prune.l1_unstructured(lin, "weight", amount=0.5)  # weight = weight_orig * mask: clip the stored original
+    model = nn.ModuleDict({"gru": gru, "lin": lin})
+    with torch.no_grad():
+        for p in (gru.weight_ih_l0, gru.weight_hh_l0, lin.weight_orig):
+            p.mul_(10)
+    ClipWeights().after_step(model, 1)
+    for p in (gru.weight_ih_l0, gru.weight_hh_l0, lin.weight_orig):
+        assert p.detach().abs().max() <= 1
+
 # ------------------------------------------------------------------------------------- the contract
 
 

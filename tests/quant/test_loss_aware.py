@@ -377,3 +377,23 @@ def test_a_resumed_loss_aware_run_gives_the_uninterrupted_result(tmp_path) -> No
                   callbacks=[LossAware()], show_progress=False)
     assert resumed.final["test_acc"] == reference.final["test_acc"]
     assert resumed.final["test_loss"] == pytest.approx(reference.final["test_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("cls_name", ["QuantLSTM", "QuantGRU"])
+def test_loss_aware_reaches_every_matrix_of_a_recurrent_layer(cls_name: str) -> None:
+    from lowbit import nn as lnn
+
+    torch.manual_seed(0)
+    rnn = getattr(lnn, cls_name)(6, 8, num_layers=2, batch_first=True, weight_quantizer="laq_ternary")
+    opt = torch.optim.Adam(rnn.parameters(), lr=1e-2)
+    cb = LossAware()
+    cb.on_fit_start(rnn, opt)
+    x = torch.randn(3, 5, 6)
+    opt.zero_grad()
+    rnn(x)[0].square().mean().backward()
+    opt.step()
+    cb.after_step(rnn, 1)
+    names = [n for n in rnn._flat_weights_names if n.startswith("weight_")]
+    assert len(names) == 4 and set(rnn.weight_quantizers) == set(names)
+    for name in names:  # each matrix has its own d, from Adam's state of that matrix
+        torch.testing.assert_close(rnn.weight_quantizers[name].d, _expected_d(opt, getattr(rnn, name)))

@@ -33,7 +33,7 @@ from torch import nn
 
 from lowbit._registry import Registry
 
-__all__ = ["Quantizer", "quantizers", "register_quantizer", "get_quantizer", "QuantizerSpec"]
+__all__ = ["Quantizer", "quantizers", "register_quantizer", "get_quantizer", "QuantizerSpec", "quantized_weights"]
 
 
 class Quantizer(nn.Module):
@@ -99,3 +99,40 @@ def get_quantizer(spec: QuantizerSpec) -> Quantizer | None:
 
         params = [p for p in inspect.signature(cls).parameters if p != "self"]
         raise TypeError(f"quantizer {name!r}: {e}; it takes: {', '.join(params) or 'no arguments'}") from None
+
+
+def _latent(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The stored (leaf) tensor ``name`` of ``module``: under a parametrization its ``original``, under
+    ``torch.nn.utils.prune`` its ``<name>_orig`` (the masked ``name`` is recomputed from it before each forward)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original  # type: ignore[index,union-attr,return-value]
+    orig = getattr(module, f"{name}_orig", None)
+    if isinstance(orig, nn.Parameter):
+        return orig
+    w = getattr(module, name, None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def quantized_weights(model: nn.Module) -> list[tuple[str, torch.Tensor | None, Quantizer]]:
+    """``(name, latent weight, quantizer)`` for every quantized weight of ``model``: each module with a
+    ``weight_quantizer`` (its ``weight``), and each matrix of a recurrent layer with ``weight_quantizers`` (one
+    quantizer per ``weight_ih_l0``, ``weight_hh_l0``, ...). The weight is the stored leaf tensor the optimizer
+    trains (under a parametrization, its ``original``), or None for a module that has a quantizer but no weight.
+
+    Callbacks that act on quantized weights (clipping, loss-aware refits) use this so that they see every layer
+    kind alike.
+    """
+    out: list[tuple[str, torch.Tensor | None, Quantizer]] = []
+    for mname, m in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        per_matrix = getattr(m, "weight_quantizers", None)
+        if isinstance(per_matrix, nn.ModuleDict):  # recurrent layers: one quantizer per weight matrix
+            out.extend((prefix + name, _latent(m, name), q) for name, q in per_matrix.items()
+                       if isinstance(q, Quantizer))
+            continue
+        q = getattr(m, "weight_quantizer", None)
+        if isinstance(q, Quantizer):
+            out.append((prefix + "weight", _latent(m, "weight"), q))
+    return out

@@ -26,9 +26,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from lowbit.quant.base import Quantizer, register_quantizer
+from lowbit.quant.base import Quantizer, quantized_weights, register_quantizer
 
 __all__ = [
     "ste_sign", "stochastic_sign", "hard_sigmoid", "swish_sign", "sign_swish", "sign_swish_grad",
@@ -446,18 +445,9 @@ BINARY_QUANTIZERS: tuple[type[Quantizer], ...] = (SteSign, StochasticSign, Swish
 # ----------------------------------------------------------------------------------------------------
 
 
-def _latent_weight(module: nn.Module) -> torch.Tensor:
-    """The stored (leaf) weight of ``module``, under a parametrization if there is one."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original  # type: ignore[union-attr,return-value]
-    return module.weight  # type: ignore[return-value]
-
-
 def binary_weights(model: nn.Module, types: tuple[type[Quantizer], ...] = BINARY_QUANTIZERS) -> list[torch.Tensor]:
-    """The latent weights of every module of ``model`` whose ``weight_quantizer`` is one of ``types``."""
-    return [_latent_weight(m) for m in model.modules()
-            if isinstance(getattr(m, "weight_quantizer", None), types) and isinstance(getattr(m, "weight", None),
-                                                                                     torch.Tensor)]
+    """The latent weights of ``model`` whose quantizer is one of ``types`` (linear, conv and recurrent layers)."""
+    return [w for _, w, q in quantized_weights(model) if isinstance(q, types) and w is not None]
 
 
 class ClipWeights:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lowbit.quant.base import Quantizer, register_quantizer
+from lowbit.quant.base import Quantizer, quantized_weights, register_quantizer
 from lowbit.quant.ternary import TWN_RATIO, straight_through, ternarize
 
 __all__ = [
@@ -482,8 +482,9 @@ class LAQLog(_LAQMultiBit):
 class LossAware:
     """Engine callback that makes the loss-aware quantizers loss-aware: feeds them Adam's second moment.
 
-    Works with any model: it finds every module with a ``weight`` and a ``weight_quantizer`` that is a
-    :class:`LossAwareQuantizer` (``lab``, ``laq_ternary``, ``laq_linear``, ``laq_log``). With
+    Works with any model: it finds every weight whose quantizer is a :class:`LossAwareQuantizer` (``lab``,
+    ``laq_ternary``, ``laq_linear``, ``laq_log``): layers with a ``weight_quantizer`` and the weight matrices of
+    ``QuantLSTM`` / ``QuantGRU`` (:func:`lowbit.quant.base.quantized_weights`). With
     :func:`lowbit.train.fit` pass it in ``callbacks``; in a hand-written loop call :meth:`attach` once
     (it hooks the optimizer's ``step``), or call ``on_fit_start`` and then ``after_step`` after each step.
 
@@ -528,14 +529,11 @@ class LossAware:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         targets: list[tuple[nn.Parameter, LossAwareQuantizer, dict[str, Any]]] = []
         weight_of: dict[int, tuple[str, torch.Tensor]] = {}
-        for name, module in model.named_modules():
-            q = getattr(module, "weight_quantizer", None)
+        for where, w, q in quantized_weights(model):
             if not isinstance(q, LossAwareQuantizer):
                 continue
-            w = getattr(module, "weight", None)
-            where = name or type(module).__name__
             if not isinstance(w, nn.Parameter):
-                raise TypeError(f"{where} has a loss-aware weight_quantizer but no weight parameter")
+                raise TypeError(f"{where} has a loss-aware weight quantizer but is not a weight parameter")
             if id(q) in weight_of:
                 if weight_of[id(q)][1] is w:
                     continue  # the same weight reached twice (tied modules)
