@@ -117,6 +117,20 @@ def test_report_matches_the_file(tmp_path: Path) -> None:
     assert json.dumps(report.to_dict())  # serializable for bench results
 
 
+def test_tables_fold_the_raw_tensors_into_one_row(tmp_path: Path) -> None:
+    from lowbit.report.compression import compression_report
+
+    tensors = {"conv.w": sparse((20, 30), 0.1, weight_bits=4, index_bits=4), "bn.weight": torch.ones(20),
+               "bn.bias": torch.zeros(20), "bn.running_mean": torch.zeros(20), "bn.num_batches": torch.tensor(3)}
+    report = save(tmp_path / "m.lbz", tensors)
+    for text in (str(report), compression_report("t", "m", "d", report.to_dict(), None, 50.0)[0]):
+        lines = text.splitlines()
+        other = [ln for ln in lines if "other tensors (4" in ln]
+        assert len(other) == 1 and not any("bn." in ln for ln in lines), text
+        assert "32/64 (raw)" in other[0] and " 248" in other[0]
+    assert len(report.to_dict()["tensors"]) == 5  # the JSON keeps every tensor
+
+
 def test_from_dense_codes_each_weight_by_its_nearest_value() -> None:
     w = torch.tensor([[0.0, 0.9, -0.3], [0.0, 0.0, 0.26]])
     ct = CompressedTensor.from_dense(w, [1.0, -0.25, 0.25], index_bits=3)

@@ -109,18 +109,23 @@ class CodecReport:
         return {"tensors": rows, "totals": totals}
 
     def table(self) -> str:
+        """The paper-style table: one row per pruned + shared tensor, one row for all tensors stored raw."""
         head = ("tensor", "weights", "kept", "fillers", "weight bits P+Q -> +H", "index bits P+Q -> +H",
                 "bytes P+Q", "bytes +H")
         rows = []
         for t in self.tensors:
-            if t.kind == "sparse":
-                wb = f"{t.weight_bits} -> {t.weight_bits_huffman:.2f}" if t.entries else f"{t.weight_bits} -> -"
-                ib = f"{t.index_bits} -> {t.index_bits_huffman:.2f}" if t.entries else f"{t.index_bits} -> -"
-                fill = str(t.fillers)
-            else:
-                wb, ib, fill = f"{t.weight_bits} (raw)", "-", "-"
-            rows.append((t.name, _count(t.numel), f"{t.kept_pct:.1f}%", fill, wb, ib, str(t.pq_bytes),
+            if t.kind != "sparse":
+                continue
+            wb = f"{t.weight_bits} -> {t.weight_bits_huffman:.2f}" if t.entries else f"{t.weight_bits} -> -"
+            ib = f"{t.index_bits} -> {t.index_bits_huffman:.2f}" if t.entries else f"{t.index_bits} -> -"
+            rows.append((t.name, _count(t.numel), f"{t.kept_pct:.1f}%", str(t.fillers), wb, ib, str(t.pq_bytes),
                          str(t.total_bytes)))
+        raw = [t for t in self.tensors if t.kind != "sparse"]
+        if raw:  # biases, batch-norm parameters and statistics, ...: one row (each is in to_dict())
+            bits = "/".join(str(b) for b in sorted({t.weight_bits for t in raw}))
+            nbytes = str(sum(t.total_bytes for t in raw))
+            rows.append((f"other tensors ({len(raw)}, raw)", _count(sum(t.numel for t in raw)), "100.0%", "-",
+                         f"{bits} (raw)", "-", nbytes, nbytes))
         kept = f"{100.0 * self.kept / self.numel:.1f}%" if self.numel else "-"
         rows.append(("total", _count(self.numel), kept, "", "", "", str(self.pq_bytes), str(self.records_bytes)))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

@@ -29,16 +29,19 @@ def compression_report(
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r["kind"] == "sparse":
-            kept = f"{100 * r['kept'] / max(1, r['numel']):.1f}%"
-            wh = r["weight_bits_huffman"]
-            ih = r["index_bits_huffman"]
-            wb = f"{r['weight_bits']} -> {wh:.2f}" if wh is not None else f"{r['weight_bits']}"
-            ib = f"{r['index_bits']} -> {ih:.2f}" if ih is not None else f"{r['index_bits']}"
-            fill = str(r["fillers"])
-        else:
-            kept, wb, ib, fill = "raw", f"{r['weight_bits']} (raw)", "-", "-"
-        lines.append(f"| {r['name']} | {r['numel']:,} | {kept} | {wb} | {ib} | {fill} | {r['total_bytes']:,} |")
+        if r["kind"] != "sparse":
+            continue
+        kept = f"{100 * r['kept'] / max(1, r['numel']):.1f}%"
+        wh = r["weight_bits_huffman"]
+        ih = r["index_bits_huffman"]
+        wb = f"{r['weight_bits']} -> {wh:.2f}" if wh is not None else f"{r['weight_bits']}"
+        ib = f"{r['index_bits']} -> {ih:.2f}" if ih is not None else f"{r['index_bits']}"
+        lines.append(f"| {r['name']} | {r['numel']:,} | {kept} | {wb} | {ib} | {r['fillers']} | {r['total_bytes']:,} |")
+    raw = [r for r in rows if r["kind"] != "sparse"]
+    if raw:  # biases, batch-norm parameters and statistics, ...: one row (each is in the JSON)
+        bits = sorted({r["weight_bits"] for r in raw})
+        lines.append(f"| other tensors ({len(raw)}, stored raw) | {sum(r['numel'] for r in raw):,} | raw | "
+                     f"{'/'.join(map(str, bits))} (raw) | - | - | {sum(r['total_bytes'] for r in raw):,} |")
     kept_pct = 100 * tot["kept"] / max(1, tot["numel"])
     lines.append(f"| **total** | {tot['numel']:,} | {kept_pct:.1f}% | | | | {tot['records_bytes']:,} |")
     summary: dict[str, Any] = {
