@@ -61,8 +61,9 @@ def main() -> None:
                                                       "index_bits", "index_bits_huffman", "total_bytes")}
                        for t in enc["codec"]["tensors"] if t["kind"] == "sparse"},
         }
-        for f in ("report.md", "weights.png"):
-            shutil.copyfile(run / f, out_dir / f"{name}_{f}")
+        shutil.copyfile(run / "weights.png", out_dir / f"{name}_weights.png")
+        report = (run / "report.md").read_text().replace("](weights.png)", f"]({name}_weights.png)")
+        (out_dir / f"{name}_report.md").write_text(report)  # the plot under its name in results/
         write_results("deep_compression", {name: row})
         print(f"{name}: {row['dense_bytes'] / 1000:.0f} KB -> {row['file_bytes'] / 1000:.1f} KB = {row['ratio']:.1f}x, "
               f"error {row['test_error_before_pct']:.2f}% -> {row['test_error_after_pct']:.2f}% "
