@@ -7,8 +7,8 @@
 
 Teacher: the ResNet-20 baseline (bench/checkpoints/resnet20.safetensors, from bench.train_baselines) by
 default, or a ResNet-32/56 trained here with ``--teacher resnet32|resnet56`` (baseline recipe, ``--teacher-epochs``).
-Student: ResNet-8, the paper's student: lowbit's CIFAR ResNet with depth 8 (one basic block per stage,
-``lowbit.models.resnet.CifarResNet(8)``; the zoo registers only 20/32/44/56), same stage widths 16/32/64 as
+Student: ResNet-8, the paper's student: lowbit's CIFAR ResNet with depth 8 (``resnet8`` in the zoo, one basic
+block per stage), same stage widths 16/32/64 as
 every teacher, so the FSP matrices pair stage by stage.
 
 (a) FSP, all at the same budget of ``--epochs`` training epochs (default 30):
@@ -66,7 +66,6 @@ from lowbit.distill import (
     train_points_only,
 )
 from lowbit.models import create_model
-from lowbit.models.resnet import CifarResNet
 from lowbit.train import FitResult, TrainConfig, evaluate, fit, load_model
 from lowbit.train.checkpoint import load_checkpoint, load_state_into, tensors_digest
 
@@ -78,7 +77,7 @@ TEACHER_CFG = TrainConfig(epochs=30, batch_size=128, lr=0.1, nesterov=True, weig
 
 def _student() -> nn.Module:
     torch.manual_seed(0)  # every student starts from the same initialization
-    return CifarResNet(8)
+    return create_model("resnet8")
 
 
 def _float_cfg(epochs: float) -> TrainConfig:
@@ -151,7 +150,7 @@ def run_fsp(args: argparse.Namespace, data: Dataset, teacher: nn.Module, root: P
     stage1 = TrainConfig(epochs=e1, batch_size=128, optimizer="adam", lr=1e-3, schedule="cosine", eval_every=1000)
     first, second = fsp_train(student, FSPDistillation(teacher), data, stage1, _float_cfg(e - e1),
                               root / "fsp/resnet8_fsp", resume=True)
-    after_stage1 = CifarResNet(8)
+    after_stage1 = create_model("resnet8")
     stage1_file = root / "fsp/resnet8_fsp/fsp/model.safetensors"
     load_state_into(after_stage1, load_checkpoint(stage1_file).group("model"), where=str(stage1_file))
     rows["fsp/resnet8_fsp"] = _row(second, e, first, method=f"FSP {e1} epochs, then cross-entropy {e - e1}",
@@ -170,7 +169,7 @@ def _float_student(root: Path) -> nn.Module:
     if not path.exists():
         raise SystemExit(f"{path} does not exist: the quant part starts from the float student of the fsp part; "
                          "run --part fsp (or both parts) first")
-    model = CifarResNet(8)
+    model = create_model("resnet8")
     load_state_into(model, load_checkpoint(path).group("model"), where=str(path))
     return model
 

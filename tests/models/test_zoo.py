@@ -73,6 +73,7 @@ PARAMS = [
     ("lenet300_100", {}, 266_610, "Deep Compression Table 2"),
     ("lenet5", {}, 431_080, "Deep Compression Table 3 (Caffe LeNet-5)"),
     ("resnet20", {}, 269_722, "He et al.: 0.27M, option A"),
+    ("resnet8", {}, 75_290, "counted by hand: convs 432 + 4,608 + 13,824 + 55,296, BN 32 + 64 + 128 + 256, fc 650"),
     ("mobilenet_v1", {"imagenet": True}, 4_231_976, "Howard et al. Table 8: 4.2M"),
     ("mobilenet_v2", {"imagenet": True}, 3_504_872, "torchvision; Sandler et al. Table 4: 3.4M"),
     ("efficientnet_b0", {"imagenet": True}, 5_288_548, "torchvision; Tan & Le Table 2: 5.3M"),

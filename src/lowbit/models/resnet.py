@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.models._registry import register_model
 
-__all__ = ["CifarResNet", "BasicBlock", "resnet20", "resnet32", "resnet44", "resnet56"]
+__all__ = ["CifarResNet", "BasicBlock", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56"]
 
 
 class BasicBlock(nn.Module):
@@ -89,6 +89,12 @@ class CifarResNet(nn.Module):
 
 
 _PAPER = "Deep Residual Learning for Image Recognition, arXiv:1512.03385"
+
+
+@register_model((3, 32, 32), "cifar10", _PAPER)
+def resnet8(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> nn.Module:
+    """One basic block per stage: the student of the FSP paper (Yim et al. 2017)."""
+    return CifarResNet(8, num_classes, in_chans, shortcut=shortcut)
 
 
 @register_model((3, 32, 32), "cifar10", _PAPER)
