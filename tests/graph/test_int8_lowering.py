@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,40 @@ def test_qat_schedule_freezes_batch_norms_then_ranges() -> None:
     assert all(m.weight_quantizer.observe for m in fused)  # weights keep following their values
     with pytest.raises(ValueError, match="freeze_bn_at must be a fraction"):
         QATSchedule(10, freeze_bn_at=2.0)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_a_prepared_int8_checkpoint_loads_back_to_the_same_integer_model(qat: bool, tmp_path: Path) -> None:
+    from lowbit.models import create_model
+    from lowbit.train import load_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet5").eval()
+    prepared = (prepare_qat if qat else prepare_ptq)(model, Int8Config(weight_bits=7))
+    calibrate(prepared, [torch.randn(16, 1, 28, 28) for _ in range(2)], 2)
+    path = save_model(tmp_path / "int8.safetensors", prepared)
+    loaded, _ = load_model(path)
+    assert loaded.training == qat  # a QAT checkpoint comes back ready to train on
+    x = torch.randn(8, 1, 28, 28)
+    prepared.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), prepared(x))
+        assert torch.equal(convert(loaded)(x), convert(prepared)(x))
+    with pytest.raises(ValueError, match="lowered int8 model.*save the prepared model"):
+        save_model(tmp_path / "lowered.safetensors", convert(prepared))
+
+
+def test_cli_exports_a_qat_checkpoint_with_its_own_ranges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from lowbit.cli import main
+    from lowbit.export.onnx_qdq import integer_kernel_report
+    from lowbit.models import create_model
+    from lowbit.train import save_model
+
+    prepared = prepare_qat(create_model("lenet5").eval(), Int8Config(weight_bits=7))
+    calibrate(prepared, [torch.randn(16, 1, 28, 28)], 1)
+    ckpt = save_model(tmp_path / "qat.safetensors", prepared)
+    out = tmp_path / "qat.onnx"
+    assert main(["export", str(ckpt), "--format", "onnx-qdq", "--out", str(out), "--speed-batch", "0"]) == 0
+    assert "already prepared for int8" in capsys.readouterr().out
+    assert integer_kernel_report(out)["integer"] == 4

@@ -121,7 +121,11 @@ def _calibrated(args: argparse.Namespace, model: Any, shape: tuple[int, ...], da
     import torch
 
     from lowbit.graph import Int8Config, calibrate, prepare_ptq
+    from lowbit.graph.prepare import is_int8_prepared
 
+    if is_int8_prepared(model):  # an int8 checkpoint (QAT-trained or calibrated): its ranges are the model's
+        print("the model is already prepared for int8 (its observed ranges are used; no calibration here)")
+        return model
     cfg = Int8Config(weight_bits=args.weight_bits, calibration=args.calibration, rounding=args.rounding)
     prepared = prepare_ptq(model, cfg)
     if args.random_calibration or dataset is None:

@@ -288,6 +288,28 @@ def _prepare(model: nn.Module, config: Int8Config, qat: bool) -> fx.GraphModule:
     for attr in ("lowbit_name", "lowbit_kwargs", "input_shape"):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
+    # recorded so that a checkpoint of the prepared model rebuilds it (lowbit.train.load_model)
+    gm.lowbit_transforms = [*getattr(model, "lowbit_transforms", []), {"int8_prepare": dict(gm.lowbit_int8)}]
+    return gm
+
+
+def replay_prepare(model: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
+    """Re-apply a recorded ``prepare_qat`` / ``prepare_ptq`` (a checkpoint's ``transforms`` entry) to a fresh
+    model; the checkpoint's tensors (weights, observer ranges, scales) are loaded into the result after."""
+    if not isinstance(record, dict) or not isinstance(record.get("qat"), bool):
+        raise ValueError(f"an int8_prepare record needs 'config' and a boolean 'qat', got {record!r}")
+    config = Int8Config.model_validate(record.get("config"))
+    gm = prepare_qat(model, config) if record["qat"] else prepare_ptq(model, config)
+    # the observers take their per-channel shapes on the first batch: one placeholder batch gives every buffer
+    # the shape of the checkpoint's (whose values then replace them)
+    shape = getattr(model, "input_shape", None)
+    if shape is None and isinstance(getattr(model, "lowbit_name", None), str):
+        from lowbit.models import model_entry
+
+        shape = model_entry(model.lowbit_name).input_shape
+    if shape is None:
+        raise ValueError("the model's input shape is unknown (not a zoo model): cannot size its int8 observers")
+    calibrate(gm, [torch.zeros(1, *shape)], 1)
     return gm
 
 

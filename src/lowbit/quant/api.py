@@ -389,6 +389,7 @@ def quantize_(
     return QuantReport(tuple(rows))
 
 
-def replay_quantize(model: nn.Module, record: dict[str, Any]) -> None:
-    """Re-apply a recorded ``quantize_`` (a checkpoint's ``transforms`` entry) to a fresh model."""
+def replay_quantize(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Re-apply a recorded ``quantize_`` (a checkpoint's ``transforms`` entry) to a fresh model; returns it."""
     quantize_(model, QuantConfig.model_validate(record))
+    return model

@@ -129,7 +129,8 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], where: st
 # Transforms a model may have been through before it was saved, replayed in order on load. The table
 # names functions by import path so that this substrate module does not import the method packages;
 # only these entries can ever run (a name read from a file selects one of them, nothing else).
-_REPLAY = {"quantize": ("lowbit.quant.api", "replay_quantize")}
+_REPLAY = {"quantize": ("lowbit.quant.api", "replay_quantize"),
+           "int8_prepare": ("lowbit.graph.prepare", "replay_prepare")}
 
 
 def rebuild(arch: Any, where: str, **overrides: Any) -> nn.Module:
@@ -147,7 +148,7 @@ def rebuild(arch: Any, where: str, **overrides: Any) -> nn.Module:
         (kind, config), = record.items()
         module, fn = _REPLAY[kind]
         try:
-            getattr(importlib.import_module(module), fn)(model, config)
+            model = getattr(importlib.import_module(module), fn)(model, config)
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{where}: cannot replay the recorded {kind!r} transform: {e}") from e
     return model

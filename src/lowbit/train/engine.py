@@ -67,7 +67,15 @@ def model_meta(model: nn.Module) -> dict[str, Any]:
 
 
 def save_model(path: str | os.PathLike[str], model: nn.Module, **meta: Any) -> Path:
-    """Write the weights of ``model`` plus JSON ``meta`` (results, data set, ...) atomically."""
+    """Write the weights of ``model`` plus JSON ``meta`` (results, data set, ...) atomically.
+
+    A prepared int8 model (``prepare_qat`` / ``prepare_ptq``, calibrated or trained) saves and loads like any
+    other; a lowered one (after ``convert``) is refused: its scales live in module attributes, not tensors.
+    """
+    if getattr(model, "lowbit_int8", {}).get("lowered"):
+        raise ValueError("a lowered int8 model (after lowbit.graph.convert) keeps its scales and zero points in "
+                         "module attributes, which a weights file cannot hold: save the prepared model (before "
+                         "convert) and convert it after loading, or export it (format 'onnx-qdq')")
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     return save_checkpoint(path, tensors, {"kind": "model", "model": model_meta(model), **meta})
 
