@@ -26,12 +26,6 @@ def _types(model: nn.Module) -> dict[str, str]:
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-U2, U4, U8 = ({"name": "test_uniform", "bits": b} for b in (2, 4, 8))
-
-
-def _types(model: nn.Module) -> dict[str, str]:
-    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
 
 # ------------------------------------------------------------------------------------------ rules
 
@@ -145,7 +139,8 @@ def test_model_errors() -> None:
     model = create_model("lenet300_100")
     cfg = QuantConfig(rules={"*": {"weight": SIGN}}, keep_first_last=False)
     quantize_(model, cfg)
-    with pytest.raises(ValueError, match=r"no nn.Conv2d/nn.Linear layer to quantize \(already quantized: fc1, fc2"):
+    with pytest.raises(ValueError, match=r"layer to quantize \(already quantized, and re-decided only with "
+                                         r"requantize: true: fc1, fc2"):
         quantize_(model, cfg)
 
 
@@ -293,3 +288,67 @@ def test_swish_sign_scale_exists_before_the_optimizer_and_survives_a_checkpoint(
         alpha.mul_(2)
     loaded, _ = load_model(save_model(tmp_path / "m.safetensors", model))
     assert torch.equal(loaded.conv2.weight_quantizer.alpha, alpha)
+
+
+# ------------------------------------------------------------------------------------------ requantize
+
+
+def _qil(bits: int) -> dict[str, dict]:
+    return {"*": {"weight": {"name": "qil_weight", "bits": bits}, "input": {"name": "qil_act", "bits": bits}}}
+
+
+def test_requantize_carries_qil_intervals_to_fewer_bits_and_replays_from_a_checkpoint(tmp_path: Path) -> None:
+    from lowbit.train import load_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet5").eval()
+    quantize_(model, QuantConfig(rules=_qil(4)))
+    model.train()
+    model(torch.randn(8, 1, 28, 28))  # the activation intervals initialize on the first batch
+    with torch.no_grad():  # learned intervals: moved away from their initial values
+        for q in (model.conv2.weight_quantizer, model.conv2.input_quantizer):
+            q.c.add_(0.1), q.d.sub_(0.05)
+    old = {k: v.clone() for k, v in model.conv2.state_dict().items() if "quantizer" in k}
+    with pytest.raises(ValueError, match="never applied.*re-decided only with requantize: true: conv2, fc1"):
+        quantize_(model, QuantConfig(rules=_qil(3)))
+    report = quantize_(model, QuantConfig(rules=_qil(3), requantize=True))
+    assert report.quantized == ["conv2", "fc1"] and report.layers[1].weight_bits == 3
+    assert model.conv2.weight_quantizer.bit_width == 3 and model.fc1.input_quantizer.bit_width == 3
+    new = {k: v for k, v in model.conv2.state_dict().items() if "quantizer" in k}
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)  # c, d, gamma carried
+    assert _types(model)["conv1"] == "Conv2d"  # keep_first_last still holds
+    loaded, _ = load_model(save_model(tmp_path / "w3.safetensors", model))
+    assert loaded.conv2.weight_quantizer.bit_width == 3
+    x = torch.randn(4, 1, 28, 28)
+    model.eval(), loaded.eval()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_requantize_starts_fresh_where_state_does_not_fit_and_keeps_undecided_layers() -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    quantize_(model, QuantConfig(rules={"*": {"weight": {"name": "lqnets_weight", "bits": 2}}}))
+    report = quantize_(model, QuantConfig(rules={"conv2": {"weight": {"name": "lqnets_weight", "bits": 3}}},
+                                          requantize=True))
+    assert model.conv2.weight_quantizer.bit_width == 3  # a 3-bit basis: not the 2-bit one's shape, fresh
+    assert model.fc1.weight_quantizer.bit_width == 2  # no rule decides fc1: it keeps its quantizer
+    row = {r.name: r for r in report.layers}["fc1"]
+    assert row.quantized and row.weight_bits == 2 and "kept its quantizers" in row.note
+
+
+def test_a_progressive_recipe_requantizes_and_its_model_reloads(tmp_path: Path) -> None:
+    from lowbit.data import load_dataset
+    from lowbit.recipe import run_recipe, validate_recipe
+    from lowbit.train import evaluate, load_model
+
+    train = {"type": "train", "epochs": 1, "batch_size": 32, "lr": 0.01, "channels_last": False}
+    stages = [{"type": "quantize", "rules": _qil(4)}, train,
+              {"type": "quantize", "requantize": True, "rules": _qil(2)}, train,
+              {"type": "evaluate"}, {"type": "save", "path": "model.safetensors"}]
+    results = run_recipe(validate_recipe(_recipe(tmp_path, stages)), show_progress=False)
+    second = next(v for k, v in results.items() if k.startswith("quantize") and k != "quantize")
+    assert second["quantized"] == ["fc2"] and second["layers"][1]["weight_bits"] == 2
+    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    assert model.fc2.weight_quantizer.bit_width == 2 and model.fc2.input_quantizer.bit_width == 2
+    acc = evaluate(model, load_dataset("digits").loader("test", 256))["acc"]
+    assert acc == pytest.approx(results["evaluate"]["test_acc"], abs=1e-9)

@@ -127,6 +127,10 @@ class QuantConfig(BaseModel):
         True, description="the first and the last Conv2d/Linear (module order) stay float, or get first_last")
     first_last: LayerQuant | None = Field(
         None, description="quantizers for the first and last layer (e.g. 8-bit) instead of float")
+    requantize: bool = Field(
+        False, description="also decide layers already quantized (QuantConv2d/QuantLinear): a rule replaces their "
+        "quantizers, and each new quantizer takes over its predecessor's state when the class and the tensor shapes "
+        "match (QIL's c, d, gamma carry over from 4 to 3 to 2 bits); a layer no rule decides keeps its quantizers")
 
     @model_validator(mode="after")
     def _check(self) -> QuantConfig:
@@ -211,10 +215,31 @@ def _matches(key: str, name: str, module: nn.Module) -> bool:
     return key == name or fnmatch.fnmatchcase(name, key) or key == type(module).__name__
 
 
-def _eligible(model: nn.Module) -> dict[str, nn.Module]:
-    """Plain Conv2d/Linear layers by name (a shared module under its first name), in module order."""
-    types = tuple(LAYER_TYPES.values())
+def _eligible(model: nn.Module, requantize: bool = False) -> dict[str, nn.Module]:
+    """Plain Conv2d/Linear layers by name (a shared module under its first name), in module order; with
+    ``requantize`` also the QuantConv2d/QuantLinear layers."""
+    from lowbit.nn.layers import QuantConv2d, QuantLinear
+
+    types = tuple(LAYER_TYPES.values()) + ((QuantConv2d, QuantLinear) if requantize else ())
     return {n: m for n, m in model.named_modules() if type(m) in types}
+
+
+def _requantize(layer: nn.Module, weight_q: Quantizer | None, input_q: Quantizer | None) -> None:
+    """Give an already quantized layer new quantizers; each takes its predecessor's state when the class and the
+    tensor shapes match (else it starts fresh, initialized from the weight as a new layer's would be)."""
+    for attr, new in (("weight_quantizer", weight_q), ("input_quantizer", input_q)):
+        old = getattr(layer, attr)
+        if new is not None:
+            new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+            if attr == "weight_quantizer":
+                new.init_from(layer.weight)
+            if type(old) is type(new):
+                state = old.state_dict()
+                mine = new.state_dict()
+                if state.keys() == mine.keys() and all(state[k].shape == mine[k].shape for k in state):
+                    new.load_state_dict(state)
+            new.train(layer.training)
+        setattr(layer, attr, new)
 
 
 def _layer_list(layers: dict[str, nn.Module]) -> str:
@@ -339,22 +364,32 @@ def quantize_(
 
     quant_types: dict[type[nn.Module], Any] = {
         nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear, nn.LSTM: QuantLSTM, nn.GRU: QuantGRU}
-    layers = _eligible(model)
+    layers = _eligible(model, config.requantize)
+    done = [] if config.requantize else [n for n, m in model.named_modules()
+                                         if isinstance(m, tuple(quant_types.values()))]
+    hint = (f" (already quantized, and re-decided only with requantize: true: {', '.join(done)})" if done else "")
     if not layers:
-        done = [n for n, m in model.named_modules() if isinstance(m, tuple(quant_types.values()))]
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d/nn.Linear layer to quantize"
-                         + (f" (already quantized: {', '.join(done)})" if done else ""))
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d/nn.Linear layer to quantize{hint}")
     if "" in layers:
         raise ValueError(f"the model itself is an nn.{type(model).__name__} and cannot be swapped in place; wrap it "
                          f"(nn.Sequential(layer)) or use {quant_types[type(model)].__name__}.from_float(layer)")
-    plan = _plan(layers, config, filter_fn)
+    try:
+        plan = _plan(layers, config, filter_fn)
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
 
     # build every quantized layer first: a quantizer that fails to build leaves the model untouched
     new: dict[str, nn.Module] = {}
+    requant: dict[str, tuple[Quantizer | None, Quantizer | None]] = {}
     for name, d in plan.items():
         if d.quant is not None:
             wq, iq = d.quant.build()
-            new[name] = quant_types[type(layers[name])].from_float(layers[name], wq, iq)
+            if type(layers[name]) in quant_types:
+                new[name] = quant_types[type(layers[name])].from_float(layers[name], wq, iq)
+            else:  # requantize: an already quantized layer keeps its module and gets new quantizers
+                requant[name] = (wq, iq)
+    for name, (wq, iq) in requant.items():
+        _requantize(layers[name], wq, iq)
 
     refs = _references(model)
     for name, layer in new.items():
@@ -372,20 +407,25 @@ def quantize_(
 
     # Record what was done as exact-name rules, so a checkpoint of this model can be rebuilt by
     # replaying it (lowbit.train.checkpoint.load_model), whatever rules, globs or filter_fn chose it.
-    applied = QuantConfig(rules={n: d.quant for n, d in plan.items() if d.quant is not None}, keep_first_last=False)
+    applied = QuantConfig(rules={n: d.quant for n, d in plan.items() if d.quant is not None}, keep_first_last=False,
+                          requantize=config.requantize)
     model.lowbit_transforms = [*getattr(model, "lowbit_transforms", []),  # type: ignore[assignment]
                                {"quantize": applied.model_dump(mode="json")}]
 
     rows = []
     for name, d in plan.items():
-        layer = new.get(name)
+        layer = new.get(name, layers[name])
         wq = getattr(layer, "weight_quantizer", None)
         iq = getattr(layer, "input_quantizer", None)
-        rows.append(LayerReport(
-            name=name, type=type(layers[name]).__name__,
-            weight=describe_spec(d.quant.weight if d.quant else None),
-            input=describe_spec(d.quant.input if d.quant else None),
-            weight_bits=_bits(wq), input_bits=_bits(iq), rule=d.rule, note=d.note))
+        if d.quant is None and (wq is not None or iq is not None):  # requantize: undecided, keeps its quantizers
+            weight, inp = (type(q).__name__ if q is not None else "float" for q in (wq, iq))
+            note = f"kept its quantizers ({d.note})"
+        else:
+            weight, inp = describe_spec(d.quant.weight if d.quant else None), describe_spec(d.quant.input if d.quant
+                                                                                          else None)
+            note = d.note
+        rows.append(LayerReport(name=name, type=type(layers[name]).__name__, weight=weight, input=inp,
+                                weight_bits=_bits(wq), input_bits=_bits(iq), rule=d.rule, note=note))
     return QuantReport(tuple(rows))
 
 
