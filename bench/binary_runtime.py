@@ -173,6 +173,8 @@ def layer_rows(threads: int, repeats: int, ghz: float) -> dict[str, dict[str, An
                 per_cycle = macs / tb / (ghz * 1e9) / threads
                 row["binary_macs_per_cycle_per_core"] = round(per_cycle, 1)
                 row["popcount_ceiling_fraction"] = round(per_cycle / (64 * POPCNT_PER_CYCLE), 3)
+                # XOR, POPCNT and ADD share the 4 integer pipes: the scalar loop's own ceiling is 64 x 4/3
+                row["scalar_loop_ceiling_fraction"] = round(per_cycle / (64 * POPCNT_PER_CYCLE / 3), 3)
                 row["torch_fp32_macs_per_cycle_per_core"] = round(macs / tt / (ghz * 1e9) / threads, 2)
             if "ort_int8" in med:
                 row["ort_int8_ms"] = round(1e3 * med["ort_int8"], 4)
@@ -366,6 +368,7 @@ def main() -> None:
                        "popcnt_instructions": asm["popcnt"], "vpshufb_instructions": asm["vpshufb"],
                        "clock_ghz_assumed": ghz, "popcnt_per_cycle_assumed": POPCNT_PER_CYCLE,
                        "popcount_ceiling_macs_per_cycle_per_core": 64 * POPCNT_PER_CYCLE,
+                       "scalar_loop_ceiling_macs_per_cycle_per_core": round(64 * POPCNT_PER_CYCLE / 3, 1),
                        "fp32_ceiling_macs_per_cycle_per_core": FP32_MACS_PER_CYCLE, "threads": threads,
                        "quick": args.quick}}
     if "layers" not in args.skip:
