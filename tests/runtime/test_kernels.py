@@ -45,6 +45,8 @@ CONVS = [
     (1, 1, 1, 1, 1, 1, 1, 0),
     (2, 200, 3, 5, 7, 3, 1, 3),  # padding wider than the kernel's reach: some outputs see no input at all
     (1, 16, 6, 7, 9, 1, 2, 1),
+    (1, 8, 2, 3, 4, 3, 2, 5),  # padding wider than the kernel itself: whole rows and columns of outputs see nothing
+    (2, 66, 4, 9, 70, 5, 3, 2),  # 5x5, stride 3: every border case of a larger window
 ]
 
 

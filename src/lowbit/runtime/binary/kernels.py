@@ -141,14 +141,15 @@ def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
 
 
 @njit(cache=True, parallel=True)
-def _gemm_kernel(a, b, k_full, wsum, t, h, wd, stride, pad, oh, ow, out_acc, out_bits):  # pragma: no cover
-    """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], wsum: int64
-    [O, KH, KW], t: int64 [O]. acc = k_full - 2 popcount(a XOR b) - (wsum of the taps outside the image). Writes
-    out_acc int32 [P, O] when it has rows, else the bits acc >= t into out_bits uint64 [P, words(O)]."""
+def _gemm_kernel(a, b, k_full, pre, t, h, wd, stride, pad, oh, ow, out_acc, out_bits):  # pragma: no cover
+    """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], pre: int64
+    [O, KH + 1, KW + 1] the 2-D prefix sums of the tap sums (:func:`tap_prefix`), t: int64 [O]. acc = k_full -
+    2 popcount(a XOR b) - (the tap sums of the taps outside the image). Writes out_acc int32 [P, O] when it has
+    rows, else the bits acc >= t into out_bits uint64 [P, words(O)]."""
     n_pix, row = a.shape
     n_out = b.shape[0]
-    kh = wsum.shape[1]
-    kw = wsum.shape[2]
+    kh = pre.shape[1] - 1
+    kw = pre.shape[2] - 1
     n_ptile = (n_pix + TILE_PIXELS - 1) // TILE_PIXELS
     n_otile = (n_out + TILE_CHANNELS - 1) // TILE_CHANNELS
     want_acc = out_acc.shape[0] > 0
@@ -199,20 +200,20 @@ def _gemm_kernel(a, b, k_full, wsum, t, h, wd, stride, pad, oh, ow, out_acc, out
             r = p % (oh * ow)
             y = r // ow
             xx = r - y * ow
-            ky0 = max(0, pad - y * stride)
-            ky1 = min(kh, h + pad - y * stride)
-            kx0 = max(0, pad - xx * stride)
-            kx1 = min(kw, wd + pad - xx * stride)
+            # the taps inside the image: [ky0, ky1) x [kx0, kx1), clamped to the kernel (empty when the padding
+            # is wider than the kernel's reach) so that the prefix-sum lookups stay in bounds
+            ky0 = min(kh, max(0, pad - y * stride))
+            ky1 = max(ky0, min(kh, h + pad - y * stride))
+            kx0 = min(kw, max(0, pad - xx * stride))
+            kx1 = max(kx0, min(kw, wd + pad - xx * stride))
             border = ky0 > 0 or kx0 > 0 or ky1 < kh or kx1 < kw
             word = np.uint64(0)
             for j in range(no):
                 o = o0 + j
                 d = k_full - 2 * acc[i, j]
-                if border:
-                    for ky in range(kh):
-                        for kx in range(kw):
-                            if ky < ky0 or ky >= ky1 or kx < kx0 or kx >= kx1:
-                                d -= wsum[o, ky, kx]
+                if border:  # all taps minus the window inside the image, from the prefix sums: O(1)
+                    inside = pre[o, ky1, kx1] - pre[o, ky0, kx1] - pre[o, ky1, kx0] + pre[o, ky0, kx0]
+                    d -= pre[o, kh, kw] - inside
                 if want_acc:
                     out_acc[p, o] = d
                 elif d >= t[o]:
@@ -275,12 +276,13 @@ def conv_words(
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
     b = np.ascontiguousarray(w).reshape(o, -1)
     k_full = kh * kw * c_in
+    pre = tap_prefix(wsum)
     if t is None:
         acc = np.empty((n * oh * ow, o), np.int32)
-        _gemm_kernel(a, b, k_full, wsum, _NO_T, h, wd, stride, pad, oh, ow, acc, _NO_BITS)
+        _gemm_kernel(a, b, k_full, pre, _NO_T, h, wd, stride, pad, oh, ow, acc, _NO_BITS)
         return acc.reshape(n, oh, ow, o)
     bits = np.empty((n * oh * ow, words(o)), np.uint64)
-    _gemm_kernel(a, b, k_full, wsum, t, h, wd, stride, pad, oh, ow, _NO_ACC, bits)
+    _gemm_kernel(a, b, k_full, pre, t, h, wd, stride, pad, oh, ow, _NO_ACC, bits)
     return bits.reshape(n, oh, ow, -1)
 
 
@@ -332,6 +334,15 @@ def _check_padding_bits(name: str, a: np.ndarray, c: int) -> None:
         if (a[..., -1] & mask).any():
             raise ValueError(f"{name}: the padding bits past channel {c} of the last word are not zero; pack with "
                              "lowbit.runtime.binary.pack_signs (it zeroes them)")
+
+
+def tap_prefix(wsum: np.ndarray) -> np.ndarray:
+    """2-D prefix sums of the tap sums, int64 ``[O, KH + 1, KW + 1]``: ``pre[o, i, j]`` = the sum of ``wsum[o, ky,
+    kx]`` over ``ky < i, kx < j``, so any window of taps sums in four lookups."""
+    o, kh, kw = wsum.shape
+    pre = np.zeros((o, kh + 1, kw + 1), np.int64)
+    pre[:, 1:, 1:] = wsum.cumsum(1).cumsum(2)
+    return pre
 
 
 def tap_sums(w: np.ndarray, c_in: int) -> np.ndarray:
