@@ -185,3 +185,16 @@ def test_compress_needs_an_encode_stage(tmp_path: Path, capsys: pytest.CaptureFi
     recipe.write_text("version: 1\nname: r\nmodel: {name: lenet5}\ndata: {name: mnist}\nstages: [{type: evaluate}]\n")
     assert main(["compress", str(recipe)]) == 2
     assert "ends in an 'encode' stage" in one_error_line(capsys.readouterr().err)
+
+
+def test_quantizers_lists_and_documents(capsys: pytest.CaptureFixture[str]) -> None:
+    from lowbit.quant import quantizers
+
+    assert main(["quantizers", "laq_*"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == quantizers.list("laq_*") == ["laq_linear", "laq_log", "laq_ternary"]
+    assert main(["quantizers", "--name", "ttq"]) == 0
+    doc = capsys.readouterr().out
+    assert "lowbit.quant.ternary.TTQ" in doc and "arXiv:1612.01064" in doc and "Args:" in doc
+    assert main(["quantizers", "--name", "tqq"]) == 2
+    assert "did you mean ttq?" in capsys.readouterr().err

@@ -94,6 +94,26 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     _table(("dataset", "description"), [(n, (datasets.get(n).__doc__ or "").strip().splitlines()[0]) for n in datasets])
 
 
+def cmd_quantizers(args: argparse.Namespace) -> None:
+    import inspect
+
+    from lowbit.quant import quantizers
+
+    if args.name:  # one quantizer's documentation: formula, gradient rule, arguments, example, references
+        cls = quantizers.get(args.name)
+        print(f"{args.name} ({cls.__module__}.{cls.__name__})\n")
+        print(inspect.getdoc(cls) or "(no documentation)")
+        return
+    rows = []
+    for n in quantizers.list(args.glob):
+        cls = quantizers.get(n)
+        first = (inspect.getdoc(cls) or "").strip().splitlines()
+        rows.append((n, first[0] if first else ""))
+    if not rows:
+        raise ValueError(f"no quantizer matches {args.glob!r}; quantizers: {', '.join(quantizers.list())}")
+    _table(("quantizer", "what it does (lowbit quantizers --name NAME: formula, gradient, paper)"), rows)
+
+
 def _int8_source(args: argparse.Namespace) -> tuple[Any, str, tuple[int, ...], str | None]:
     """(float model, title, input shape, data set name) for ``export`` / ``lower``."""
     from lowbit.models import model_entry
@@ -290,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list registered data sets")
     p.set_defaults(fn=cmd_datasets)
+
+    p = sub.add_parser("quantizers", help="list registered quantizers, or document one (--name)")
+    p.add_argument("glob", nargs="?", default="*")
+    p.add_argument("--name", help="print this quantizer's documentation")
+    p.set_defaults(fn=cmd_quantizers)
 
     from lowbit.export import list_exporters
 
