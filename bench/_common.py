@@ -48,12 +48,11 @@ def write_results(name: str, results: dict[str, dict[str, Any]], merge: bool = T
     the file and not re-measured are kept when ``merge`` is set."""
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text())["results"] if merge and path.exists() else {}
-    doc = {
-        "command": "python -m bench." + Path(sys.argv[0]).stem + " " + shlex.join(sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "results": {**old, **results},
-    }
+    command = "python -m bench." + Path(sys.argv[0]).stem + " " + shlex.join(sys.argv[1:])
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # merged files hold rows of several runs: each row says which command and when measured it
+    fresh = {k: ({**v, "command": command, "date": date} if isinstance(v, dict) else v) for k, v in results.items()}
+    doc = {"command": command, "date": date, "machine": machine(), "results": {**old, **fresh}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
