@@ -82,32 +82,45 @@ def ort_predict(sess: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def median_ms(fn: Any, runs: int, budget_s: float) -> float:
-    for _ in range(3):
+def interleaved_medians(fns: dict[str, Any], runs: int, budget_s: float, rounds: int = 5) -> dict[str, float]:
+    """Median ms of each function, timed in ``rounds`` interleaved rounds (each function ``runs / rounds`` times
+    per round, a round's share of ``budget_s`` at most, 2 runs at least) so that a change in the machine's load
+    or clock hits every contender alike; a separate warm-up run first."""
+    for fn in fns.values():
         fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs and (time.perf_counter() - start < budget_s or len(times) < 5):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(1e3 * float(np.median(times)), 4)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(2, runs // rounds)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            for i in range(per_round):
+                if i >= 2 and time.perf_counter() - start > budget_s / rounds / len(fns):
+                    break
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: round(1e3 * float(np.median(v)), 4) for k, v in times.items()}
 
 
 def latencies(float_model: nn.Module, fp32_onnx: Path, int8_onnx: dict[str, Path], shape: tuple[int, ...],
               threads: int, runs: int, budget_s: float) -> dict[str, dict[int, float]]:
-    """Median ms per batch of torch fp32, onnxruntime fp32 and each int8 file, at batch 1 and 64."""
+    """Median ms per batch of torch fp32, onnxruntime fp32 and each int8 file, at batch 1 and 64, all
+    contenders interleaved (:func:`interleaved_medians`)."""
     torch.set_num_threads(threads)
     out: dict[str, dict[int, float]] = {"torch_fp32": {}, "ort_fp32": {}, **{k: {} for k in int8_onnx}}
     sessions = {"ort_fp32": session(fp32_onnx, threads), **{k: session(p, threads) for k, p in int8_onnx.items()}}
     for b in (1, 64):
         x = torch.randn(b, *shape)
         xn = x.numpy()
-        with torch.inference_mode():
-            out["torch_fp32"][b] = median_ms(lambda: float_model(x), runs, budget_s)  # noqa: B023
-        for k, s in sessions.items():
-            name = s.get_inputs()[0].name
-            out[k][b] = median_ms(lambda: s.run(None, {name: xn}), runs, budget_s)  # noqa: B023
+
+        def torch_run() -> None:
+            with torch.inference_mode():
+                float_model(x)  # noqa: B023
+
+        fns = {"torch_fp32": torch_run,
+               **{k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn})) for k, s in sessions.items()}}  # noqa: B023
+        for k, ms in interleaved_medians(fns, runs, budget_s * len(fns)).items():
+            out[k][b] = ms
     return out
 
 
