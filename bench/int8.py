@@ -56,7 +56,7 @@ from lowbit.graph import Int8Config, QATSchedule, calibrate, convert, prepare_pt
 from lowbit.graph.lower import output_qparams
 from lowbit.models import create_model
 from lowbit.runtime.integer import run_integer
-from lowbit.train import TrainConfig, fit, load_model
+from lowbit.train import TrainConfig, fit, load_checkpoint, load_model
 
 TARGET_PTQ_POINTS, TARGET_QAT_POINTS, TARGET_SPEEDUP_B64 = 1.5, 0.5, 2.0
 DATASET = {"lenet5": "mnist", "resnet20": "cifar10", "mobilenet_v2": "cifar10"}
@@ -219,9 +219,13 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
         qat = prepare_qat(model, cfg)
         calibrate(qat, [torch.from_numpy(c) for c in calib[:8]], min(8, len(calib)))
         tcfg = TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128, weight_decay=args.qat_wd,
-                           channels_last=False, checkpoint_every=0)
+                           channels_last=False, checkpoint_every=100)
         steps = max(1, round(tcfg.epochs * math.ceil(len(data.train) / tcfg.batch_size)))
-        fit(qat, data, tcfg, run_dir=None, callbacks=[QATSchedule(steps, 0.5, 0.75)])
+        # resumable, and a finished run is reused: keyed by everything that shapes the QAT model
+        base = load_checkpoint(source).meta["sha256"][:8] if Path(source).is_file() else "trained"
+        run = (runs_dir() / "int8" / f"{name}_qat" / f"w{wbits}-{args.calibration}{len(calib)}-{args.rounding}-"
+               f"e{args.qat_epochs:g}-lr{args.qat_lr:g}-wd{args.qat_wd:g}-base{base}")
+        fit(qat, data, tcfg, run_dir=run, resume=True, callbacks=[QATSchedule(steps, 0.5, 0.75)])
         qat_int = convert(qat)
         qat_path = export(qat_int, tmp / f"{name}_qat.onnx", format="onnx-qdq", example=example)
         row["qat_test_acc_pct"] = acc(ort_predict(session(qat_path, args.threads), x_test), y_test)
