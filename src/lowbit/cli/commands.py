@@ -181,7 +181,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         if args.weight_bits == 8 and not cpu_has_vnni():
             print("note: this CPU has no VNNI: onnxruntime's u8s8 kernels here can saturate int16 pair sums with "
                   "8-bit weights; --weight-bits 7 keeps its results exactly those of the integer model")
-        if args.speed_batch:
+        from lowbit.graph.prepare import is_int8_prepared
+
+        if args.speed_batch and is_int8_prepared(float_model):
+            print("speed check skipped: an int8 checkpoint holds no float model to compare with")
+        elif args.speed_batch:
             sp = keep_float_if_slower(path, float_model, example, batch=args.speed_batch, threads=args.threads)
             verdict = ("kept int8" if sp["kept"] == "int8" else
                        f"int8 is slower here: wrote the FLOAT model to {path} instead ({path.stat().st_size:,} bytes)")
