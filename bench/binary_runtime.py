@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from lowbit.quant.binary import ClipWeights
 from lowbit.runtime.binary import pack_model, popcnt_in_asm
 from lowbit.runtime.binary.kernels import conv_words, tap_sums
 from lowbit.runtime.binary.pack import pack_nchw, pack_signs
+from lowbit.timing import interleaved_medians
 from lowbit.train import TrainConfig, fit
 from lowbit.train.progress import progress
 
@@ -80,31 +80,16 @@ def clock_ghz() -> float:
     return 0.0
 
 
-def blocked_medians(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 3,
-                    pause_s: float = 0.2) -> dict[str, float]:
-    """Median seconds per call of each function: ``rounds`` rounds, each timing a block of ``repeats / rounds``
-    calls of every function in turn (the order rotated per round, one untimed warm-up call per block). Wall clock
-    under the function's name, the process's CPU time (all threads) under ``NAME/cpu``.
-
-    Blocks, not single calls in turn, and a pause before each block: torch and numba each bring an OpenMP runtime
-    whose idle threads spin-wait after a parallel region; a numba call right after a torch call competes with
-    torch's spinning threads for the cores (measured here: 0.07 ms -> 40 ms for the batch-1 FC on 2 cores)."""
-    per_block = max(1, -(-repeats // rounds))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            time.sleep(pause_s)
-            fns[k]()
-            for _ in range(per_block):
-                t0, c0 = time.perf_counter(), time.process_time()
-                fns[k]()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    out.update({f"{k}/cpu": statistics.median(v) for k, v in cpu.items()})
-    return out
+def blocked_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, wall clock under the function's name and the process's CPU time (all threads)
+    under ``NAME/cpu``: 3 rounds, each a block of
+    ``repeats / 3`` calls of every function in turn, the order rotated per round, after a 0.2 s pause and one
+    untimed call per block (:func:`lowbit.timing.interleaved_medians`). Blocks and pauses, not single calls in
+    turn: torch's and numba's idle OpenMP threads spin-wait after a parallel region and would slow the other
+    side down (measured here: 0.07 ms -> 40 ms for the batch-1 FC on 2 cores)."""
+    med = interleaved_medians(fns, rounds=3, block=max(1, -(-repeats // 3)), warmup=0, block_warmup=1, pause_s=0.2,
+                              rotate=True, clocks={"wall": time.perf_counter, "cpu": time.process_time})
+    return {**med["wall"], **{f"{k}/cpu": v for k, v in med["cpu"].items()}}
 
 
 def _pm1(*shape: int) -> torch.Tensor:

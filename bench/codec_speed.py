@@ -22,8 +22,6 @@ ratio to zstd in the same run is the number to read; absolute speeds depend on t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,19 +31,13 @@ import zstandard
 
 from bench._common import CHECKPOINTS, write_results
 from lowbit.codec import HuffmanCode, encode_positions, entropy_bits
+from lowbit.timing import interleaved_medians
 
 
 def _race(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (round robin) so that a change in the machine's load
-    hits all of them alike; one untimed warm-up run each (numba's kernel is loaded from its cache)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds of each function, one call of each in turn per round (round robin) so that a change in the
+    machine's load hits all of them alike; one untimed warm-up run each (numba's kernel is loaded from its cache)."""
+    return interleaved_medians(fns, rounds=repeats)["wall"]
 
 
 def _quantize(values: np.ndarray, bits: int) -> np.ndarray:

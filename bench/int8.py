@@ -56,6 +56,7 @@ from lowbit.graph import Int8Config, QATSchedule, calibrate, convert, prepare_pt
 from lowbit.graph.lower import output_qparams
 from lowbit.models import create_model
 from lowbit.runtime.integer import run_integer
+from lowbit.timing import interleaved_medians
 from lowbit.train import TrainConfig, fit, load_checkpoint, load_model
 
 TARGET_PTQ_POINTS, TARGET_QAT_POINTS, TARGET_SPEEDUP_B64 = 1.5, 0.5, 2.0
@@ -82,30 +83,11 @@ def ort_predict(sess: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def interleaved_medians(fns: dict[str, Any], runs: int, budget_s: float, rounds: int = 5) -> dict[str, float]:
-    """Median ms of each function, timed in ``rounds`` interleaved rounds (each function ``runs / rounds`` times
-    per round, a round's share of ``budget_s`` at most, 2 runs at least) so that a change in the machine's load
-    or clock hits every contender alike; a separate warm-up run first."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    per_round = max(2, runs // rounds)
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            for i in range(per_round):
-                if i >= 2 and time.perf_counter() - start > budget_s / rounds / len(fns):
-                    break
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    return {k: round(1e3 * float(np.median(v)), 4) for k, v in times.items()}
-
-
 def latencies(float_model: nn.Module, fp32_onnx: Path, int8_onnx: dict[str, Path], shape: tuple[int, ...],
               threads: int, runs: int, budget_s: float) -> dict[str, dict[int, float]]:
     """Median ms per batch of torch fp32, onnxruntime fp32 and each int8 file, at batch 1 and 64, all
-    contenders interleaved (:func:`interleaved_medians`)."""
+    contenders interleaved (:func:`lowbit.timing.interleaved_medians`, 5 rounds, each a block of ``runs / 5`` calls
+    that stops early once it has used its share of ``budget_s`` per contender)."""
     torch.set_num_threads(threads)
     out: dict[str, dict[int, float]] = {"torch_fp32": {}, "ort_fp32": {}, **{k: {} for k in int8_onnx}}
     sessions = {"ort_fp32": session(fp32_onnx, threads), **{k: session(p, threads) for k, p in int8_onnx.items()}}
@@ -119,8 +101,9 @@ def latencies(float_model: nn.Module, fp32_onnx: Path, int8_onnx: dict[str, Path
 
         fns = {"torch_fp32": torch_run,
                **{k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn})) for k, s in sessions.items()}}  # noqa: B023
-        for k, ms in interleaved_medians(fns, runs, budget_s * len(fns)).items():
-            out[k][b] = ms
+        med = interleaved_medians(fns, rounds=5, block=max(2, runs // 5), budget_s=budget_s * len(fns))["wall"]
+        for k, seconds in med.items():
+            out[k][b] = round(1e3 * seconds, 4)
     return out
 
 

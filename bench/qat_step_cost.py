@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,32 +35,9 @@ from torch import nn
 from bench._common import write_results
 from bench.quant_cifar import RESNET20, make_callbacks, quantize_model, swap_activations
 from lowbit.models import create_model
+from lowbit.timing import interleaved_medians
 
 TARGET_RATIO = 2.0
-
-
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 0,
-    clocks: dict[str, Callable[[], float]] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Run each of ``steps`` ``warmup`` times untimed, then ``repeats`` rounds of one call of each in turn
-    (in the dict's order); ``{clock: {step: median seconds per call}}`` for each of ``clocks`` (default:
-    ``wall``, ``time.perf_counter``, and ``cpu``, ``time.process_time``: the CPU time of all this process's
-    threads, which other processes on a busy machine disturb less than the wall clock)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    clocks = clocks or {"wall": time.perf_counter, "cpu": time.process_time}
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, dict[str, list[float]]] = {c: {k: [] for k in steps} for c in clocks}
-    for _ in range(repeats):
-        for key, fn in steps.items():
-            t0 = {c: clock() for c, clock in clocks.items()}
-            fn()
-            for c, clock in clocks.items():
-                times[c][key].append(clock() - t0[c])
-    return {c: {k: statistics.median(v) for k, v in per.items()} for c, per in times.items()}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, callbacks: Sequence[object] = (),
@@ -140,7 +116,8 @@ def main() -> None:
     print(f"{'method':14s} {'float ms':>9s} {'QAT ms':>9s} {'ratio':>6s} {'(CPU)':>6s} {'vs float, same act':>6s}")
     for method in args.methods:
         steps = build_steps(method)
-        med = interleaved_medians(steps, args.steps, args.warmup)
+        med = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup,
+                                  clocks={"wall": time.perf_counter, "cpu": time.process_time})
         wall, cpu = med["wall"], med["cpu"]
         ratio = wall["qat"] / wall["float"]
         row = rows[method] = {

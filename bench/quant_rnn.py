@@ -26,8 +26,8 @@ dot products per row, computed by the binary runtime's XNOR-popcount GEMM kernel
 ``dot = N - 2 popcount(a XOR b)``), then combined with the coefficients (numba). ``kernel_us``: that product
 from packed operands; ``e2e_us``: plus the online alternating quantization of ``x`` (2 cycles, numba, this
 file) and its bit packing. Against ``torch.mv`` in fp32 (oneDNN/MKL) with the same thread count; medians of
-blocks of calls, the blocks of the contenders interleaved (``_median_us``). The paper: ~6x at 2 bits, ~3x at
-3 bits on CPU (its own kernels; abstract), memory ~16x / ~10.5x.
+blocks of calls, the blocks of the contenders interleaved (``lowbit.timing.interleaved_medians``). The paper:
+~6x at 2 bits, ~3x at 3 bits on CPU (its own kernels; abstract), memory ~16x / ~10.5x.
 
 Duration on 2 cores (estimated: the shared development machine was too loaded to time the full run): the
 float model ~1 h (6 epochs of 245 steps of 32 x 128 characters, fused oneDNN LSTM), each quantized row ~20-30 min
@@ -46,7 +46,6 @@ import copy
 import dataclasses
 import json
 import shutil
-import statistics
 import time
 from functools import partial
 from typing import Any
@@ -64,6 +63,7 @@ from lowbit.quant import QuantConfig, quantize_
 from lowbit.quant.alternating import AlternatingQuant, alternating_quantize, reconstruct
 from lowbit.runtime.binary import binary_gemm, pack_bits, words
 from lowbit.runtime.binary.kernels import conv_words, tap_sums
+from lowbit.timing import interleaved_medians
 from lowbit.train import TrainConfig, evaluate, fit
 
 ROWS: dict[str, tuple[int, int] | None] = {"float": None, "W2A2": (2, 2), "W2A3": (2, 3), "W3A3": (3, 3)}
@@ -323,23 +323,6 @@ class MultiBitMatVec:
         return self.product()
 
 
-def _median_us(fns: dict[str, Any], repeats: int, rounds: int = 5) -> dict[str, float]:
-    """Medians in microseconds after a warm-up: ``rounds`` rounds, each timing a block of ``repeats / rounds``
-    calls of every function in turn, so that a busy machine disturbs all of them alike while each block runs
-    with its own operands in cache (as a layer called again and again does)."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    block = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for k, f in fns.items():
-            for _ in range(block):
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1e6 * statistics.median(v) for k, v in times.items()}
-
-
 def check_matvec(mv: MultiBitMatVec, w: torch.Tensor, x: torch.Tensor, abits: int) -> float:
     """The kernel's product against the float product of the dequantized operands; returns the relative
     error of the quantized product against the float one ``W x``."""
@@ -378,8 +361,10 @@ def matvec_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 numba.set_num_threads(threads)
-                t = _median_us({"torch_fp32": partial(torch.mv, w, x), "kernel": mv.product,
-                                "e2e": partial(mv, xn), "quantize_x": partial(mv.quantize, xn)}, args.repeats)
+                fns = {"torch_fp32": partial(torch.mv, w, x), "kernel": mv.product, "e2e": partial(mv, xn),
+                       "quantize_x": partial(mv.quantize, xn)}
+                med = interleaved_medians(fns, rounds=5, block=max(1, args.repeats // 5))["wall"]
+                t = {k: 1e6 * v for k, v in med.items()}
                 key = f"matvec/W{bits}A{bits}/{m}x{n}/t{threads}"
                 out[key] = {
                     "bits": f"W{bits}A{bits}", "shape": [m, n], "threads": threads,

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import numba
@@ -45,6 +43,7 @@ from lowbit.data import load_dataset
 from lowbit.models import create_model
 from lowbit.prune import PruneConfig, prune_, prune_nodes_, simd_prune_
 from lowbit.prune.simd import group_sparse_linear, pack_groups
+from lowbit.timing import interleaved_medians
 from lowbit.train import evaluate, load_model
 
 SPARSITY = 0.9
@@ -60,24 +59,10 @@ IMPL = {  # what each row ran, stored with the numbers
 
 
 def _time_us(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median microseconds per call of each function. The functions are timed round-robin (one timing of
-    each per round), so a change in the machine's load hits all of them alike; each timing runs a loop
-    long enough to take >= 2 ms."""
-    loops = {}
-    for name, fn in fns.items():
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        loops[name] = max(1, int(0.002 / max(time.perf_counter() - t0, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / loops[name] * 1e6)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    """Median microseconds per call of each function, timed round-robin (one timing of each per round), so a
+    change in the machine's load hits all of them alike; each timing loops the call for >= 2 ms."""
+    med = interleaved_medians(fns, rounds=repeats, warmup=3, min_timing_s=0.002)["wall"]
+    return {name: 1e6 * s for name, s in med.items()}
 
 
 def _lenet() -> tuple[nn.Module, bool]:

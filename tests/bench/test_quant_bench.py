@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from bench.qat_step_cost import interleaved_medians, make_step
+from bench.qat_step_cost import make_step
 from bench.quant_binary import costs, plot_size_acc, size_acc_points
 from bench.quant_cifar import RESNET20, build_vgg, make_callbacks, quantize_model, recalibrate_bn, swap_activations
 from torch import nn
@@ -103,29 +103,6 @@ def test_vgg_bnn_is_w1a1_but_the_image() -> None:
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     twin = build_vgg(binary=False, width=0.125, fc_hidden=(16,))
     assert not any(isinstance(m, (QuantConv2d, QuantLinear)) for m in twin.modules())
-
-
-def test_interleaved_medians_alternates_and_takes_medians() -> None:
-    now = [0.0]
-    calls: list[str] = []
-
-    def clock() -> float:
-        return now[0]
-
-    def stepper(name: str, durations: list[float]):  # noqa: ANN202
-        it = iter(durations)
-
-        def step() -> None:
-            calls.append(name)
-            now[0] += next(it)
-        return step
-
-    med = interleaved_medians({"a": stepper("a", [9.0, 1.0, 5.0, 3.0]), "b": stepper("b", [9.0, 2.0, 8.0, 4.0])},
-                              repeats=3, warmup=1, clocks={"fake": clock, "half": lambda: now[0] / 2})
-    assert calls == ["a", "b"] * 4  # one warm-up round, then a, b, a, b, ...
-    assert med == {"fake": {"a": 3.0, "b": 4.0}, "half": {"a": 1.5, "b": 2.0}}  # medians of the timed calls only
-    with pytest.raises(ValueError, match="repeats"):
-        interleaved_medians({"a": lambda: None}, repeats=0)
 
 
 def test_make_step_trains_and_runs_the_callbacks() -> None:

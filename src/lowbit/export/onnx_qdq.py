@@ -35,7 +35,6 @@ import importlib.util
 import operator
 import os
 import tempfile
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -63,6 +62,7 @@ from lowbit.graph.qops import (
     Quantize,
     Requantize,
 )
+from lowbit.timing import interleaved_medians
 
 __all__ = ["export_onnx_qdq", "integer_kernel_report", "keep_float_if_slower", "cpu_has_vnni", "FLOAT_COMPUTE_OPS",
            "INTEGER_COMPUTE_OPS"]
@@ -323,18 +323,9 @@ def export_onnx_qdq(model: nn.Module, path: Path, example: torch.Tensor | None =
 
 def _median_ms(sessions: dict[str, Any], x: np.ndarray, rounds: int, runs: int) -> dict[str, float]:
     """Median latency (ms) of each onnxruntime session on ``x``, timed in interleaved rounds so that a change
-    in the machine's load hits both alike."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():  # warm-up: first-run allocations and kernel selection
-        s.run(None, {s.get_inputs()[0].name: x})
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            feed = {s.get_inputs()[0].name: x}
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feed)
-                times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    in the machine's load hits both alike (:func:`lowbit.timing.interleaved_medians`)."""
+    fns = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for k, s in sessions.items()}
+    return {k: 1e3 * v for k, v in interleaved_medians(fns, rounds, runs)["wall"].items()}
 
 
 def keep_float_if_slower(path: str | os.PathLike[str], float_model: nn.Module, example: torch.Tensor,
