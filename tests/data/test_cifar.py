@@ -69,6 +69,25 @@ def test_image_folder_tarball_is_decoded_and_cached(tmp_path: Path) -> None:
         load_dataset("cifar10", str(tmp_path))
 
 
+def test_image_folder_test_split_is_mixed_not_class_by_class(tmp_path: Path) -> None:
+    per_class = 4
+    for split in ("train", "test"):
+        for label, cls in enumerate(CIFAR10_CLASSES):
+            folder = tmp_path / "cifar10" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                (folder / f"{i:04d}.png").write_bytes(_png((label * 20, i * 50, 0)))
+    ds = load_dataset("cifar10", str(tmp_path))
+    again = load_dataset("cifar10", str(tmp_path))
+    y = ds.test.y.numpy()
+    assert np.bincount(y).tolist() == [per_class] * 10  # every image once
+    assert np.any(np.diff(y) < 0)  # not class by class
+    assert len(set(y[:10].tolist())) >= 4  # a prefix sees several classes (class by class: 3)
+    assert np.array_equal(ds.test.x[:, 0, 0, 0].numpy(), y * 20)  # each image still carries its own label
+    assert torch.equal(again.test.x, ds.test.x) and torch.equal(again.test.y, ds.test.y)  # a fixed order
+    assert np.all(np.diff(ds.train.y.numpy()) >= 0)  # the train split keeps the folder order
+
+
 def test_missing_cifar_names_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOWBIT_DATA", raising=False)
     with pytest.raises(DataNotFoundError, match=str(tmp_path)) as e:

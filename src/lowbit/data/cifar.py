@@ -152,8 +152,23 @@ def _cached(source: Path, decode) -> dict[str, np.ndarray]:  # type: ignore[no-u
     return arrays
 
 
+def _mixed(split: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The split of an image-folder copy, the test split in a fixed random order (seed 0).
+
+    Folders list the images class by class, so a prefix of the test split (a quick evaluation on the first N
+    images, an export check on a few hundred) would hold one or two classes only; the official batches are in
+    random order, and so is this. The train split keeps the folder order: training shuffles it every epoch
+    anyway, and reordering it would change the batches of runs already checkpointed."""
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if split != "test":
+        return x, y
+    order = np.random.default_rng(0).permutation(len(y))
+    return x[order], y[order]
+
+
 def load_cifar10_arrays(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of the ``train`` or ``test`` split."""
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of the ``train`` or ``test`` split (an image-folder
+    copy's test split in a fixed random order, not class by class: see :func:`_mixed`)."""
     looked = data_dirs(data_dir)
     for d in looked:
         if (d / "cifar-10-batches-py").is_dir():
@@ -161,13 +176,13 @@ def load_cifar10_arrays(split: str, data_dir: str | None = None) -> tuple[np.nda
         if (d / "cifar10" / "train").is_dir():
             root = d / "cifar10"
             arrays = _cached(root, lambda r=root: _decode_folder(_tree_members(r), str(r)))
-            return arrays[f"x_{split}"], arrays[f"y_{split}"]
+            return _mixed(split, arrays)
         tars = sorted(d.glob("cifar10*.tar.gz")) + sorted(d.glob("cifar-10*.tar.gz"))
         if tars:
             tar = tars[0]
             verify_sha256(tar)
             arrays = _cached(tar, lambda t=tar: _decode_folder(_tar_members(t), str(t)))
-            return arrays[f"x_{split}"], arrays[f"y_{split}"]
+            return _mixed(split, arrays)
     raise not_found(
         "cifar10", looked, "cifar-10-batches-py/, cifar10/{train,test}/ or cifar10*.tar.gz",
         "Get the official python release of CIFAR-10 or an image-folder copy; nothing is downloaded.",
