@@ -209,6 +209,24 @@ def test_end_to_end_on_digits(tmp_path: Path) -> None:
     assert again["train"] == results["train"]
 
 
+def test_resume_refuses_a_stage_whose_recipe_changed_before_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    doc = tiny(out)
+    doc["stages"] = [{"type": "prune", "threshold": "sparsity", "rules": {"*": 0.5}}, *doc["stages"]]
+    first = run_recipe(validate_recipe(doc, "tiny.yaml"), show_progress=False)
+
+    grown = {**doc, "stages": [*doc["stages"], {"type": "evaluate", "split": "train"}]}
+    again = run_recipe(validate_recipe(grown, "tiny.yaml"), resume=True, show_progress=False)
+    assert again["train"] == first["train"]  # a stage added at the end: the earlier ones resume as they were
+
+    changed = {**doc, "stages": [{"type": "prune", "threshold": "sparsity", "rules": {"*": 0.8}}, *doc["stages"][1:]]}
+    with pytest.raises(RecipeError, match="stage 2 'train'.*changed since its checkpoints"):
+        run_recipe(validate_recipe(changed, "tiny.yaml"), resume=True, show_progress=False)
+    fresh = run_recipe(validate_recipe(changed, "tiny.yaml"), show_progress=False)  # without --resume: starts over
+    assert fresh["prune"]["total_sparsity"] > first["prune"]["total_sparsity"]
+    run_recipe(validate_recipe(changed, "tiny.yaml"), resume=True, show_progress=False)  # and resumes from there
+
+
 def test_model_from_checkpoint_and_summary_stage(tmp_path: Path) -> None:
     pytest.importorskip("lowbit.hw.counts")
     first = tiny(tmp_path / "a")

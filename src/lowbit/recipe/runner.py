@@ -2,13 +2,18 @@
 
 Nothing is written before the model is built, the data set is loaded and one batch has gone through
 the model, so a recipe whose parts do not fit together fails without leaving a run directory. The run
-directory then holds ``resolved.yaml`` (the recipe with every default filled in) and ``results.json``
-(rewritten after each stage: ``{"recipe", "command", "date", "machine", "results": {stage: {...}}}``).
+directory then holds ``resolved.yaml`` (the recipe with every default filled in), ``results.json``
+(rewritten after each stage: ``{"recipe", "command", "date", "machine", "results": {stage: {...}}}``) and
+``lineage.json``: per stage, a fingerprint of everything its result depends on (seed, model, data and every
+stage up to it). ``--resume`` refuses to continue a stage whose checkpoints were made under another
+fingerprint: a changed earlier stage (a different quantize rule, another epoch count) would otherwise be
+resumed into, silently or with a confusing shape error.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -63,6 +68,44 @@ def _machine() -> str:
             f"{torch.get_num_threads()} threads, {platform.system()}")
 
 
+def _stage_keys(recipe: Recipe) -> list[str]:
+    """Each stage's key: its type, with ``_2``, ``_3``, ... for repeats (``train``, ``evaluate``, ``evaluate_2``)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for call in recipe.stages:
+        seen[call.type] = seen.get(call.type, 0) + 1
+        keys.append(call.type if seen[call.type] == 1 else f"{call.type}_{seen[call.type]}")
+    return keys
+
+
+def _lineage(recipe: Recipe) -> dict[str, str]:
+    """stage key -> fingerprint of the seed, model, data (not its directory) and stages up to that one."""
+    doc = recipe.resolved()
+    base = {"seed": doc["seed"], "model": doc["model"],
+            "data": {k: v for k, v in doc["data"].items() if k != "dir"}}
+    return {key: hashlib.sha256(json.dumps({**base, "stages": doc["stages"][: i + 1]}, sort_keys=True,
+                                           default=str).encode()).hexdigest()[:16]
+            for i, key in enumerate(_stage_keys(recipe))}
+
+
+def _check_lineage(recipe: Recipe, lineage: dict[str, str]) -> None:
+    """On resume: the first stage that left work behind (its directory under the output) under another
+    fingerprint than the recipe's now is an error."""
+    path = recipe.output / "lineage.json"
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{path}: unreadable ({e}); delete it, or run without --resume") from None
+    for i, (key, fp) in enumerate(lineage.items(), 1):
+        if key in before and before[key] != fp and (recipe.output / key).exists():
+            raise RecipeError(
+                f"{recipe.source}: cannot resume stage {i} '{key}': the seed, model, data or a stage up to it "
+                f"changed since its checkpoints in {recipe.output / key} were written. Run without --resume to "
+                "start over, or give the recipe a new output directory.")
+
+
 def run_recipe(
     recipe: Recipe, data_dir: str | None = None, resume: bool = False, show_progress: bool = True,
     command: str | None = None,
@@ -70,7 +113,8 @@ def run_recipe(
     """Run every stage of ``recipe``; returns the results (also written to ``<output>/results.json``).
 
     ``data_dir`` is used when the recipe's ``data.dir`` is unset; ``resume`` lets the train stage
-    continue from its last checkpoint.
+    continue from its last checkpoint (refused where the recipe up to that stage changed since: see the
+    module's docstring).
     """
     torch.manual_seed(recipe.seed)  # the initial weights of a fresh model
     model = build_model(recipe.model)
@@ -79,15 +123,17 @@ def run_recipe(
     _check_fits(model, data, recipe)
 
     out = recipe.output
+    lineage = _lineage(recipe)
+    if resume:
+        _check_lineage(recipe, lineage)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    _write(out / "lineage.json", json.dumps(lineage, indent=2) + "\n")
     ctx = Context(model, data, out, data_dir, resume, show_progress, recipe.name)
     header = {"recipe": recipe.name, "command": command or f"lowbit run {recipe.source}",
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": _machine()}
-    seen: dict[str, int] = {}
-    for i, call in enumerate(recipe.stages, 1):
-        seen[call.type] = seen.get(call.type, 0) + 1
-        ctx.stage_key = call.type if seen[call.type] == 1 else f"{call.type}_{seen[call.type]}"
+    for i, (call, key) in enumerate(zip(recipe.stages, lineage, strict=True), 1):
+        ctx.stage_key = key
         print(f"[{i}/{len(recipe.stages)}] {ctx.stage_key}", flush=True)
         ctx.results[ctx.stage_key] = stages.get(call.type).run(ctx, call.config) or {}
         _write(out / "results.json", json.dumps({**header, "results": ctx.results}, indent=2) + "\n")
