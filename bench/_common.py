@@ -54,5 +54,7 @@ def write_results(name: str, results: dict[str, dict[str, Any]], merge: bool = T
     fresh = {k: ({**v, "command": command, "date": date} if isinstance(v, dict) else v) for k, v in results.items()}
     doc = {"command": command, "date": date, "machine": machine(), "results": {**old, **fresh}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a bench running beside reads it whole
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
