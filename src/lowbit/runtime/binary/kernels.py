@@ -19,7 +19,9 @@ Padding semantics: lowbit's quantized conv pads the *quantized* input with zeros
 so a padded tap contributes 0, not +-1. im2col writes a zero word (bits 0 = -1) for a tap outside the image, which
 contributes ``sum_c (-1) w_c = C - 2 popcount(w_tap)``; that term (``wsum``, precomputed per output channel and
 tap) is subtracted again for the taps outside the image, so the result equals ``F.conv2d`` on the +-1 tensors
-with zero padding exactly.
+with zero padding exactly. The taps outside the image depend only on the pixel's border pattern (9 for a 3x3
+kernel with padding 1: the interior, 4 edges, 4 corners), so the correction is one table row per pattern
+(:func:`border_table`), read contiguously over the output channels.
 
 Fused threshold: with ``t`` per output channel the output is the bit ``acc >= t`` (+1 -> 1), packed 64 channels per
 word, so a binary layer's output is again packed bits and no float remains between binary layers (a "less or
@@ -46,8 +48,7 @@ from numba.extending import intrinsic
 from lowbit.runtime.binary.pack import WORD_BITS, words
 
 __all__ = ["popcount64", "binary_gemm", "binary_conv2d", "maxpool2d_bits", "conv_out_size", "popcnt_in_asm",
-           "tap_sums", "conv_words",
-           "threshold_pack"]
+           "tap_sums", "border_table", "conv_words", "threshold_pack"]
 
 TILE_PIXELS = 16  # pixels per parallel tile (four 4-pixel register blocks)
 TILE_CHANNELS = WORD_BITS  # output channels per tile: one output word
@@ -141,18 +142,18 @@ def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
 
 
 @njit(cache=True, parallel=True)
-def _gemm_kernel(a, b, k_full, pre, t, h, wd, stride, pad, oh, ow, out_acc, out_bits):  # pragma: no cover
-    """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], pre: int64
-    [O, KH + 1, KW + 1] the 2-D prefix sums of the tap sums (:func:`tap_prefix`), t: int64 [O]. acc = k_full -
-    2 popcount(a XOR b) - (the tap sums of the taps outside the image). Writes out_acc int32 [P, O] when it has
-    rows, else the bits acc >= t into out_bits uint64 [P, words(O)]."""
+def _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, out_acc, out_bits):  # pragma: no cover
+    """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], corr: int64
+    [patterns, O] the padded taps' contribution per border pattern (:func:`border_table`: output pixel (y, x) has
+    pattern ``ypat[y] + xpat[x]``), t: int64 [O].
+    acc = k_full - 2 popcount(a XOR b) - corr. Writes out_acc int32 [P, O] when it has rows, else the bits
+    acc >= t into out_bits uint64 [P, words(O)]."""
     n_pix, row = a.shape
     n_out = b.shape[0]
-    kh = pre.shape[1] - 1
-    kw = pre.shape[2] - 1
     n_ptile = (n_pix + TILE_PIXELS - 1) // TILE_PIXELS
     n_otile = (n_out + TILE_CHANNELS - 1) // TILE_CHANNELS
     want_acc = out_acc.shape[0] > 0
+    n_pat = corr.shape[0]
     for tile in prange(n_ptile * n_otile):
         pt = tile // n_otile
         ot = tile - pt * n_otile
@@ -194,32 +195,84 @@ def _gemm_kernel(a, b, k_full, pre, t, h, wd, stride, pad, oh, ow, out_acc, out_
             while j < no:
                 acc[i, j] = np.int64(_dot1(ai, b[o0 + j], row))
                 j += 1
-        # popcount -> dot product, minus the padded taps' contribution; then store or threshold
+        # popcount -> dot product, minus the padded taps' contribution of the pixel's border pattern (one
+        # contiguous row of the table: a few patterns, not a lookup per tap); then store or threshold
+        c = corr[0]  # no padding: one pattern
         for i in range(np_):
             p = p0 + i
-            r = p % (oh * ow)
-            y = r // ow
-            xx = r - y * ow
-            # the taps inside the image: [ky0, ky1) x [kx0, kx1), clamped to the kernel (empty when the padding
-            # is wider than the kernel's reach) so that the prefix-sum lookups stay in bounds
-            ky0 = min(kh, max(0, pad - y * stride))
-            ky1 = max(ky0, min(kh, h + pad - y * stride))
-            kx0 = min(kw, max(0, pad - xx * stride))
-            kx1 = max(kx0, min(kw, wd + pad - xx * stride))
-            border = ky0 > 0 or kx0 > 0 or ky1 < kh or kx1 < kw
-            word = np.uint64(0)
-            for j in range(no):
-                o = o0 + j
-                d = k_full - 2 * acc[i, j]
-                if border:  # all taps minus the window inside the image, from the prefix sums: O(1)
-                    inside = pre[o, ky1, kx1] - pre[o, ky0, kx1] - pre[o, ky1, kx0] + pre[o, ky0, kx0]
-                    d -= pre[o, kh, kw] - inside
-                if want_acc:
-                    out_acc[p, o] = d
-                elif d >= t[o]:
-                    word |= np.uint64(1) << np.uint64(j)
-            if not want_acc:
+            if n_pat > 1:
+                r = p % (oh * ow)
+                y = r // ow
+                c = corr[ypat[y] + xpat[r - y * ow]]
+            if want_acc:
+                for j in range(no):
+                    out_acc[p, o0 + j] = k_full - 2 * acc[i, j] - c[o0 + j]
+            else:  # c holds the popcount limits: the bit is popcount <= limit
+                word = np.uint64(0)
+                for j in range(no):
+                    word |= np.uint64(acc[i, j] <= c[o0 + j]) << np.uint64(j)
                 out_bits[p, ot] = word
+
+
+@njit(cache=True)
+def _axis_patterns(size, k, stride, pad, out_size, pat):  # pragma: no cover
+    """The taps ``[k0, k1)`` of a kernel of size k inside the image along one axis for each output position;
+    ``pat[o]`` = the index of its window among the distinct ones, which it returns as (k0s, k1s). Windows are
+    clamped to the kernel (empty when the padding is wider than the kernel's reach)."""
+    k0s = np.empty(out_size, np.int64)
+    k1s = np.empty(out_size, np.int64)
+    n = 0
+    for o in range(out_size):
+        k0 = min(k, max(0, pad - o * stride))
+        k1 = max(k0, min(k, size + pad - o * stride))
+        found = -1
+        for q in range(n):
+            if k0s[q] == k0 and k1s[q] == k1:
+                found = q
+                break
+        if found < 0:
+            k0s[n] = k0
+            k1s[n] = k1
+            found = n
+            n += 1
+        pat[o] = found
+    return k0s[:n], k1s[:n]
+
+
+@njit(cache=True)
+def _border_kernel(wsum, h, wd, stride, pad, oh, ow, ypat, xpat):  # pragma: no cover
+    n_out, kh, kw = wsum.shape
+    y0, y1 = _axis_patterns(h, kh, stride, pad, oh, ypat)
+    x0, x1 = _axis_patterns(wd, kw, stride, pad, ow, xpat)
+    corr = np.zeros((y0.shape[0] * x0.shape[0], n_out), np.int64)
+    for py in range(y0.shape[0]):
+        for px in range(x0.shape[0]):
+            for o in range(n_out):
+                outside = 0
+                for ky in range(kh):
+                    for kx in range(kw):
+                        if not (y0[py] <= ky < y1[py] and x0[px] <= kx < x1[px]):
+                            outside += wsum[o, ky, kx]
+                corr[py * x0.shape[0] + px, o] = outside
+    ypat *= x0.shape[0]
+    return corr
+
+
+def border_table(wsum: np.ndarray, h: int, wd: int, stride: int, pad: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """The padding correction of a convolution over an ``h x wd`` input: ``(corr, ypat, xpat)``. Output pixel
+    (y, x) has border pattern ``ypat[y] + xpat[x]`` (its window along y, times the number of windows along x,
+    plus its window along x), and ``corr[pattern, o]`` is the sum of ``wsum[o]`` over the taps that fall outside
+    the image (0 for the interior). A 3x3 kernel with padding 1 has 9 patterns; without padding there is one,
+    all zero, and ``wsum`` is not read."""
+    o, kh, kw = wsum.shape
+    oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(wd, kw, stride, pad)
+    ypat, xpat = np.empty(oh, np.int64), np.empty(ow, np.int64)
+    if pad == 0:
+        ypat[:], xpat[:] = 0, 0
+        return np.zeros((1, o), np.int64), ypat, xpat
+    corr = _border_kernel(np.ascontiguousarray(wsum, dtype=np.int64), h, wd, stride, pad, oh, ow, ypat, xpat)
+    return corr, ypat, xpat
 
 
 @njit(cache=True, parallel=True)
@@ -257,7 +310,6 @@ def threshold_pack(x: np.ndarray, t: np.ndarray, flip: np.ndarray) -> tuple[np.n
 
 _NO_ACC = np.empty((0, 0), np.int32)
 _NO_BITS = np.empty((0, 0), np.uint64)
-_NO_T = np.zeros(0, np.int64)
 
 
 def conv_words(
@@ -276,15 +328,15 @@ def conv_words(
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
     b = np.ascontiguousarray(w).reshape(o, -1)
     k_full = kh * kw * c_in
-    # the padding correction's table; without padding no window crosses the border and it is never read (a
-    # one-channel placeholder of the right kernel size then saves building a table per call)
-    pre = tap_prefix(wsum) if pad else np.zeros((1, kh + 1, kw + 1), np.int64)
+    corr, ypat, xpat = border_table(wsum, h, wd, stride, pad)
     if t is None:
         acc = np.empty((n * oh * ow, o), np.int32)
-        _gemm_kernel(a, b, k_full, pre, _NO_T, h, wd, stride, pad, oh, ow, acc, _NO_BITS)
+        _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, acc, _NO_BITS)
         return acc.reshape(n, oh, ow, o)
+    # k_full - 2 popcount - corr >= t  <=>  popcount <= floor((k_full - corr - t) / 2)
+    limits = (k_full - corr - np.asarray(t, np.int64)[None, :]) // 2
     bits = np.empty((n * oh * ow, words(o)), np.uint64)
-    _gemm_kernel(a, b, k_full, pre, t, h, wd, stride, pad, oh, ow, _NO_ACC, bits)
+    _gemm_kernel(a, b, k_full, limits, ypat, xpat, oh, ow, _NO_ACC, bits)
     return bits.reshape(n, oh, ow, -1)
 
 
@@ -336,15 +388,6 @@ def _check_padding_bits(name: str, a: np.ndarray, c: int) -> None:
         if (a[..., -1] & mask).any():
             raise ValueError(f"{name}: the padding bits past channel {c} of the last word are not zero; pack with "
                              "lowbit.runtime.binary.pack_signs (it zeroes them)")
-
-
-def tap_prefix(wsum: np.ndarray) -> np.ndarray:
-    """2-D prefix sums of the tap sums, int64 ``[O, KH + 1, KW + 1]``: ``pre[o, i, j]`` = the sum of ``wsum[o, ky,
-    kx]`` over ``ky < i, kx < j``, so any window of taps sums in four lookups."""
-    o, kh, kw = wsum.shape
-    pre = np.zeros((o, kh + 1, kw + 1), np.int64)
-    pre[:, 1:, 1:] = wsum.cumsum(1).cumsum(2)
-    return pre
 
 
 def tap_sums(w: np.ndarray, c_in: int) -> np.ndarray:
