@@ -105,3 +105,23 @@ def test_errors_before_compiled_code() -> None:
         maxpool2d_bits(xc, 3)
     with pytest.raises(ValueError, match="half the kernel"):
         maxpool2d_bits(xc, 2, padding=2)
+
+
+@pytest.mark.parametrize("shape", [(3, 130, 1), (2, 70, 67), (1, 64, 200)])
+def test_threshold_pack_matches_the_comparisons_with_ties_flips_and_non_finite(shape: tuple[int, int, int]) -> None:
+    from lowbit.runtime.binary.kernels import threshold_pack
+
+    rng = np.random.default_rng(1)
+    n, c, p = shape
+    t = rng.standard_normal(c).astype(np.float32)
+    flip = rng.random(c) < 0.4
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[:, ::3, :] = t[::3, None]  # ties: x == t is on for both directions (>= and <=)
+    x[0, 1, 0], x[-1, -1, -1] = np.nan, -np.inf
+    bits, bad = threshold_pack(x, t, flip)
+    on = np.where(flip[None, :, None], x <= t[None, :, None], x >= t[None, :, None])  # N, C, P
+    want = np.packbits(on.transpose(0, 2, 1), axis=-1, bitorder="little")  # N, P, bytes
+    got = bits.view(np.uint8)[..., : want.shape[-1]]
+    assert np.array_equal(got, want)
+    assert not bits.view(np.uint8)[..., want.shape[-1]:].any()  # the padding bits stay zero
+    assert bad == 2
