@@ -175,6 +175,26 @@ def _small_conv_net(**conv_kwargs: object) -> nn.Sequential:
     ).eval()
 
 
+def test_a_fully_convolutional_bnn_on_inputs_of_several_sizes() -> None:
+    """The packed layers keep a border table per input size: each size must get its own, and a size seen before
+    must give the same result again."""
+    torch.manual_seed(3)
+    binary = {"weight_quantizer": "ste_sign", "input_quantizer": "ste_sign", "bias": False}
+    model = nn.Sequential(
+        QuantConv2d(3, 70, 3, padding=1, bias=False, weight_quantizer="ste_sign"), nn.BatchNorm2d(70), nn.Hardtanh(),
+        QuantConv2d(70, 66, 3, padding=1, **binary), nn.BatchNorm2d(66), nn.Hardtanh(),  # type: ignore[arg-type]
+        QuantConv2d(66, 5, 3, padding=2, stride=2, **binary),  # type: ignore[arg-type]
+    )
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 9, 9))  # BN statistics
+    _negate_some_gammas(model)
+    model.eval()
+    packed = pack_model(model)
+    for hw in [(9, 9), (5, 12), (3, 3), (9, 9)]:
+        _assert_same(model, packed, torch.randn(2, 3, *hw))
+
+
 def test_unsupported_models_are_named() -> None:
     relu = _quantize(create_model("mlp_bnn", in_chans=1, input_size=8, width=16, depth=2, act="relu"), "features.0")
     with pytest.raises(UnsupportedModelError, match="'features.2' is a ReLU"):

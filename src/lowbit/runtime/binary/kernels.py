@@ -48,7 +48,7 @@ from numba.extending import intrinsic
 from lowbit.runtime.binary.pack import WORD_BITS, words
 
 __all__ = ["popcount64", "binary_gemm", "binary_conv2d", "maxpool2d_bits", "conv_out_size", "popcnt_in_asm",
-           "tap_sums", "border_table", "conv_words", "threshold_pack"]
+           "tap_sums", "border_table", "conv_plan", "conv_words", "threshold_pack"]
 
 TILE_PIXELS = 16  # pixels per parallel tile (four 4-pixel register blocks)
 TILE_CHANNELS = WORD_BITS  # output channels per tile: one output word
@@ -352,12 +352,28 @@ _NO_ACC = np.empty((0, 0), np.int32)
 _NO_BITS = np.empty((0, 0), np.uint64)
 
 
+def conv_plan(
+    w: np.ndarray, wsum: np.ndarray, t: np.ndarray | None, c_in: int, h: int, wd: int, stride: int, pad: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`conv_words` precomputes for an ``h x wd`` input, to be reused across calls of the same size:
+    ``(table, ypat, xpat)`` of :func:`border_table`, the table holding the padding corrections (``t`` None) or,
+    with thresholds, the popcount limits ``floor((K - corr - t) / 2)``: ``K - 2 popcount - corr >= t`` exactly
+    when ``popcount <= limit``."""
+    corr, ypat, xpat = border_table(wsum, h, wd, stride, pad)
+    if t is None:
+        return corr, ypat, xpat
+    k_full = w.shape[1] * w.shape[2] * c_in
+    return (k_full - corr - np.asarray(t, np.int64)[None, :]) // 2, ypat, xpat
+
+
 def conv_words(
-    x: np.ndarray, w: np.ndarray, wsum: np.ndarray, t: np.ndarray | None, c_in: int, stride: int, pad: int
+    x: np.ndarray, w: np.ndarray, wsum: np.ndarray, t: np.ndarray | None, c_in: int, stride: int, pad: int,
+    plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The unchecked core of :func:`binary_conv2d` (shapes must be right, padding bits zero): packed NHWC ``x``
     [N, H, W, Cw], weights ``w`` [O, KH, KW, Cw] with ``wsum = tap_sums(w, c_in)``; returns int32 acc
-    [N, OH, OW, O] (``t`` None) or bits [N, OH, OW, words(O)]."""
+    [N, OH, OW, O] (``t`` None) or bits [N, OH, OW, words(O)]. ``plan``: :func:`conv_plan` of the same
+    arguments and input size, if the caller keeps one."""
     n, h, wd, cw = x.shape
     o, kh, kw, _ = w.shape
     oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(wd, kw, stride, pad)
@@ -367,16 +383,14 @@ def conv_words(
         a = np.empty((n * oh * ow, kh * kw * cw), np.uint64)
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
     b = np.ascontiguousarray(w).reshape(o, -1)
+    table, ypat, xpat = plan if plan is not None else conv_plan(w, wsum, t, c_in, h, wd, stride, pad)
     k_full = kh * kw * c_in
-    corr, ypat, xpat = border_table(wsum, h, wd, stride, pad)
     if t is None:
         acc = np.empty((n * oh * ow, o), np.int32)
-        _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, acc, _NO_BITS)
+        _gemm_kernel(a, b, k_full, table, ypat, xpat, oh, ow, acc, _NO_BITS)
         return acc.reshape(n, oh, ow, o)
-    # k_full - 2 popcount - corr >= t  <=>  popcount <= floor((k_full - corr - t) / 2)
-    limits = (k_full - corr - np.asarray(t, np.int64)[None, :]) // 2
     bits = np.empty((n * oh * ow, words(o)), np.uint64)
-    _gemm_kernel(a, b, k_full, limits, ypat, xpat, oh, ow, _NO_ACC, bits)
+    _gemm_kernel(a, b, k_full, table, ypat, xpat, oh, ow, _NO_ACC, bits)
     return bits.reshape(n, oh, ow, -1)
 
 

@@ -61,7 +61,14 @@ from lowbit.graph.thresholds import Thresholds, bn_sign_thresholds, float_thresh
 from lowbit.nn.layers import QuantAct, QuantConv2d, QuantLinear
 from lowbit.quant.base import Quantizer
 from lowbit.quant.binary import SteSign, StochasticSign, SwishSign
-from lowbit.runtime.binary.kernels import _maxpool_kernel, conv_out_size, conv_words, tap_sums, threshold_pack
+from lowbit.runtime.binary.kernels import (
+    _maxpool_kernel,
+    conv_out_size,
+    conv_plan,
+    conv_words,
+    tap_sums,
+    threshold_pack,
+)
 from lowbit.runtime.binary.pack import WORD_BITS, pack_signs, unpack_signs
 
 __all__ = ["PackedModel", "UnsupportedModelError", "pack_model"]
@@ -214,9 +221,11 @@ class _BinaryLayer(_Stage):
     bias: Tensor | None  # float32 [O], added to the accumulator when t is None
     hw: int = 1  # linear: pixels per sample of the (flattened) input
     wsum: np.ndarray = field(init=False)
+    plans: dict[tuple[int, int], tuple[np.ndarray, ...]] = field(init=False, repr=False)  # by input (H, W)
 
     def __post_init__(self) -> None:
         self.wsum = tap_sums(self.w, self.c_in)
+        self.plans = {}
 
     @property
     def out_channels(self) -> int:
@@ -242,7 +251,12 @@ class _BinaryLayer(_Stage):
         o, kh, kw, _ = self.w.shape
         if conv_out_size(h, kh, self.stride, self.padding) < 1 or conv_out_size(wd, kw, self.stride, self.padding) < 1:
             raise ValueError(f"{self.name}: a {kh}x{kw} kernel (padding {self.padding}) does not fit a {h}x{wd} input")
-        out = conv_words(xw, self.w, self.wsum, self.t, self.c_in, self.stride, self.padding)
+        plan = self.plans.get((h, wd))
+        if plan is None:  # the border table and popcount limits of this input size, computed once
+            plan = conv_plan(self.w, self.wsum, self.t, self.c_in, h, wd, self.stride, self.padding)
+            if len(self.plans) < 16:
+                self.plans[(h, wd)] = plan
+        out = conv_words(xw, self.w, self.wsum, self.t, self.c_in, self.stride, self.padding, plan)
         if self.t is not None:
             return _Bits(out, o, "nchw" if self.kind == "conv" else "nc")
         n, oh, ow, _ = out.shape
