@@ -19,7 +19,11 @@ Timing: the same thread count for numba and torch (``--threads``), medians of ``
 that alternate between the contenders over three rounds (so a drifting machine load hits both alike), each block
 after a pause and a warm-up call (torch's and numba's OpenMP threads spin after a parallel region and would slow
 the other side down: see ``blocked_medians``); wall clock, plus the process CPU time of all threads
-(``*_cpu_ms``, ``cpu_time_ratio_*``), which other processes on a busy machine disturb less.
+(``*_cpu_ms``, ``cpu_time_ratio_*``), which other processes on a busy machine disturb less. The committed results
+use the default OpenMP wait policy, what a user gets. ``--omp-passive`` makes both runtimes' threads sleep instead of
+spinning after a parallel region: no spin contention, but every parallel region then pays a wake-up (measured here:
+a numba ``prange`` launch 18.5 us passive against 3.1 us by default), which slows batch 1 on both sides (the
+batch-1 3x3 convs of torch took 1.8 ms instead of 0.9 ms).
 
 End to end, the real-valued first layer runs in torch fp32 in both models (784 x width MACs per image for the MLP,
 against 2 width^2 + 10 width in its binary layers), so Amdahl bounds the MLP's speedup by about
