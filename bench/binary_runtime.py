@@ -14,6 +14,10 @@ Rows (``bench/results/binary_runtime.json``, ``.png``):
                  the torch fp32 model of the same architecture (and the fake-quantized torch BNN); test accuracy of
                  both (predictions must be identical), model bytes
     e2e/vgg...   VGG-Small BNN (random weights, BN statistics from a few batches): timing and bit-exactness only
+    e2e/cifar... the CIFAR-10 VGG-Small BNN that ``bench.quant_cifar`` trained (its newest finished run under
+                 ``$LOWBIT_RUNS/quant_cifar/vgg_small-bnn``; skipped with a note when there is none): the whole test
+                 set through the packed and the torch model (predictions must be identical), and its timing against
+                 the float twin of the same width
 
 Timing: the same thread count for numba and torch (``--threads``), medians of ``--repeats`` calls, timed in blocks
 that alternate between the contenders over three rounds (so a drifting machine load hits both alike), each block
@@ -63,7 +67,8 @@ from lowbit.runtime.binary import pack_model, popcnt_in_asm
 from lowbit.runtime.binary.kernels import _dot4x2, conv_plan, conv_words, tap_sums
 from lowbit.runtime.binary.pack import pack_nchw, pack_signs
 from lowbit.timing import interleaved_medians
-from lowbit.train import TrainConfig, fit
+from lowbit.train import TrainConfig, fit, load_checkpoint
+from lowbit.train.checkpoint import load_state_into
 from lowbit.train.progress import progress
 
 # Assumption for the ceiling: 4 scalar 64-bit POPCNT per cycle per core (AMD Zen 2/3 run POPCNT on all four integer
@@ -292,6 +297,53 @@ def e2e_mnist(width: int, epochs: float, batches: tuple[int, ...], repeats: int)
     return rows
 
 
+def e2e_cifar_bnn(batches: tuple[int, ...], repeats: int) -> dict[str, dict[str, Any]]:
+    """The trained CIFAR-10 BNN of bench.quant_cifar, if there is one: test-set identity and timing."""
+    from bench.quant_cifar import build_vgg
+
+    found = sorted((runs_dir() / "quant_cifar" / "vgg_small-bnn").glob("*/model.safetensors"),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        print("e2e/cifar: skipped, no trained VGG-small BNN (python -m bench.quant_cifar --methods none trains it)")
+        return {}
+    path = found[-1]
+    ckpt = load_checkpoint(path)
+    width = float(path.parent.name.split("-")[0].removeprefix("w"))  # the run's tag: w{width}-e{epochs}-...
+    model = build_vgg(True, width)
+    load_state_into(model, ckpt.group("model"), where=str(path))
+    model.eval()
+    packed = pack_model(model)
+    data = load_dataset("cifar10", data_dir())
+    correct_t = correct_p = same = n = 0
+    with torch.no_grad():
+        for x, y in data.loader("test", batch_size=500):
+            pt, pp = model(x).argmax(1), packed(x).argmax(1)
+            correct_t += int((pt == y).sum())
+            correct_p += int((pp == y).sum())
+            same += int((pt == pp).sum())
+            n += len(y)
+    print(f"CIFAR-10 test accuracy ({path.parent.name}): torch BNN {100 * correct_t / n:.2f}%, packed "
+          f"{100 * correct_p / n:.2f}%, identical predictions {same}/{n}")
+    ref = build_vgg(False, width).eval()  # its float twin: the same layers with ReLU, torch fp32
+    nb = packed.nbytes()
+    base = {"run": str(path.parent), "width_mult": width, "test_acc_pct_torch": round(100 * correct_t / n, 2),
+            "test_acc_pct_packed": round(100 * correct_p / n, 2), "predictions_identical": same == n,
+            "packed_bytes": nb["total_bytes"], "fp32_bytes": _float_bytes(ref),
+            "size_ratio_vs_fp32": round(_float_bytes(ref) / nb["total_bytes"], 1)}
+    x_all = next(iter(data.loader("test", batch_size=max(batches))))[0]
+    rows = {}
+    for b in batches:
+        x = x_all[:b].contiguous()
+        med = _time_e2e("cifar", {"packed": lambda x=x: packed(x), "torch_fp32": lambda x=x: ref(x)},
+                        repeats if b == 1 else max(3, repeats // 5))
+        rows[f"e2e/cifar_vgg_small_bnn_x{width:g}/b{b}"] = {
+            **base, "batch": b, "packed_ms": round(1e3 * med["packed"], 3),
+            "torch_fp32_ms": round(1e3 * med["torch_fp32"], 3),
+            "speedup_vs_torch_fp32": round(med["torch_fp32"] / med["packed"], 2),
+            "cpu_time_ratio_torch_over_packed": round(med["torch_fp32/cpu"] / max(med["packed/cpu"], 1e-9), 2)}
+    return rows
+
+
 def e2e_vgg(width_mult: float, batches: tuple[int, ...], repeats: int) -> dict[str, dict[str, Any]]:
     torch.manual_seed(0)
     model = _hardtanh(create_model("vgg_small", width_mult=width_mult))
@@ -373,7 +425,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0, help="timing rounds at batch 1 (0: 30, quick 7)")
     ap.add_argument("--width", type=int, default=0, help="MNIST MLP width (0: 1024, quick 256)")
     ap.add_argument("--epochs", type=float, default=0, help="MNIST MLP training epochs (0: 2, quick 0.2)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["layers", "mnist", "vgg"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["layers", "mnist", "vgg", "cifar"])
     ap.add_argument("--omp-passive", action="store_true",
                     help="rerun with OMP_WAIT_POLICY=PASSIVE (both torch's and numba's OpenMP threads sleep instead of "
                          "spinning after a parallel region; the packed model alternates torch and numba regions)")
@@ -405,6 +457,8 @@ def main() -> None:
         rows.update(e2e_mnist(width, epochs, (1, 64), repeats))
     if "vgg" not in args.skip:
         rows.update(e2e_vgg(0.5 if args.quick else 1.0, (1, 16) if args.quick else (1, 64), max(3, repeats // 2)))
+    if "cifar" not in args.skip and not args.quick:
+        rows.update(e2e_cifar_bnn((1, 64), max(3, repeats // 2)))
     print_table(rows)
     path = write_results("binary_runtime", rows, merge=False)
     png = RESULTS / "binary_runtime.png"
