@@ -268,6 +268,8 @@ def build_vgg(binary: bool, width: float, fc_hidden: tuple[int, ...] = (1024, 10
 
 def vgg_rows(args: argparse.Namespace, data: Dataset, root: Path, write: Callable[[dict[str, Any]], None]) -> None:
     for name, binary, lr in (("float", False, args.vgg_lr_float), ("bnn", True, args.vgg_lr_bnn)):
+        if name not in args.vgg_rows:
+            continue
         cfg = TrainConfig(epochs=args.vgg_epochs, batch_size=128, optimizer="adam", lr=lr, schedule="cosine",
                           checkpoint_every=100)
         torch.manual_seed(cfg.seed)  # the initialization is part of the run
@@ -311,6 +313,8 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=1e-6, help="BNN+ regularizer strength (l1)")
     ap.add_argument("--vgg", action=argparse.BooleanOptionalAction, default=True, help="run the VGG-like pair")
     ap.add_argument("--vgg-width", type=float, default=0.25, help="vgg_small width multiplier (paper: 1)")
+    ap.add_argument("--vgg-rows", nargs="+", choices=["float", "bnn"], default=["float", "bnn"],
+                    help="which of the VGG pair to run (e.g. one per process, side by side)")
     ap.add_argument("--vgg-epochs", type=float, default=10.0)
     ap.add_argument("--vgg-lr-float", type=float, default=1e-3)
     ap.add_argument("--vgg-lr-bnn", type=float, default=3e-3)
