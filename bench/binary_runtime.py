@@ -331,12 +331,18 @@ def e2e_cifar_bnn(batches: tuple[int, ...], repeats: int) -> dict[str, dict[str,
             "packed_bytes": nb["total_bytes"], "fp32_bytes": _float_bytes(ref),
             "size_ratio_vs_fp32": round(_float_bytes(ref) / nb["total_bytes"], 1)}
     x_all = next(iter(data.loader("test", batch_size=max(batches))))[0]
+    return _packed_vs_float(f"e2e/cifar_vgg_small_bnn_x{width:g}", packed, ref, x_all, batches, repeats, base)
+
+
+def _packed_vs_float(key: str, packed: Callable[[torch.Tensor], torch.Tensor], ref: nn.Module, x_all: torch.Tensor,
+                     batches: tuple[int, ...], repeats: int, base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows ``KEY/bB``: the packed model against its torch fp32 twin at each batch size, with ``base`` merged in."""
     rows = {}
     for b in batches:
         x = x_all[:b].contiguous()
-        med = _time_e2e("cifar", {"packed": lambda x=x: packed(x), "torch_fp32": lambda x=x: ref(x)},
+        med = _time_e2e(key, {"packed": lambda x=x: packed(x), "torch_fp32": lambda x=x: ref(x)},
                         repeats if b == 1 else max(3, repeats // 5))
-        rows[f"e2e/cifar_vgg_small_bnn_x{width:g}/b{b}"] = {
+        rows[f"{key}/b{b}"] = {
             **base, "batch": b, "packed_ms": round(1e3 * med["packed"], 3),
             "torch_fp32_ms": round(1e3 * med["torch_fp32"], 3),
             "speedup_vs_torch_fp32": round(med["torch_fp32"] / med["packed"], 2),
@@ -359,19 +365,10 @@ def e2e_vgg(width_mult: float, batches: tuple[int, ...], repeats: int) -> dict[s
         exact = bool(torch.equal(packed(x_all[:16]), model(x_all[:16])))
     ref = create_model("vgg_small", width_mult=width_mult).eval()  # torch fp32, the same architecture (ReLU)
     nb = packed.nbytes()
-    rows = {}
-    for b in batches:
-        x = x_all[:b].contiguous()
-        med = _time_e2e("vgg", {"packed": lambda x=x: packed(x), "torch_fp32": lambda x=x: ref(x)},
-                        repeats if b == 1 else max(3, repeats // 5))
-        rows[f"e2e/vgg_small_bnn_x{width_mult:g}/b{b}"] = {
-            "batch": b, "width_mult": width_mult, "bit_exact_logits": exact, "packed_ms": round(1e3 * med["packed"], 3),
-            "torch_fp32_ms": round(1e3 * med["torch_fp32"], 3),
-            "speedup_vs_torch_fp32": round(med["torch_fp32"] / med["packed"], 2),
-            "cpu_time_ratio_torch_over_packed": round(med["torch_fp32/cpu"] / max(med["packed/cpu"], 1e-9), 2),
-            "packed_bytes": nb["total_bytes"], "fp32_bytes": _float_bytes(ref),
-            "size_ratio_vs_fp32": round(_float_bytes(ref) / nb["total_bytes"], 1), "weights": "random (timing only)"}
-    return rows
+    base = {"width_mult": width_mult, "bit_exact_logits": exact, "packed_bytes": nb["total_bytes"],
+            "fp32_bytes": _float_bytes(ref), "size_ratio_vs_fp32": round(_float_bytes(ref) / nb["total_bytes"], 1),
+            "weights": "random (timing only)"}
+    return _packed_vs_float(f"e2e/vgg_small_bnn_x{width_mult:g}", packed, ref, x_all, batches, repeats, base)
 
 
 # ----------------------------------------------------------------------------------------------------
