@@ -47,6 +47,11 @@ CONVS = [
     (1, 16, 6, 7, 9, 1, 2, 1),
     (1, 8, 2, 3, 4, 3, 2, 5),  # padding wider than the kernel itself: whole rows and columns of outputs see nothing
     (2, 66, 4, 9, 70, 5, 3, 2),  # 5x5, stride 3: every border case of a larger window
+    # at most 32 channels: two taps per word (an odd tap count leaves a zero half-word); 33 does not qualify
+    (2, 32, 6, 6, 40, 3, 1, 1),
+    (1, 32, 7, 7, 5, 5, 2, 2),
+    (2, 17, 5, 4, 66, 3, 1, 1),
+    (1, 33, 5, 5, 3, 3, 1, 1),
 ]
 
 

@@ -143,6 +143,31 @@ def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
 
 
 @njit(cache=True, parallel=True)
+def _im2col_half_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
+    """Like :func:`_im2col_kernel` for inputs of at most 32 channels (one word per pixel, its high half zero): out
+    uint32 [N * OH * OW, 2 ceil(KH KW / 2)], the low half-word of each tap, two taps per 64-bit word (a trailing
+    half-word zero); a tap outside the image is zero."""
+    n_img, h, wd, _ = x.shape
+    for p in prange(n_img * oh * ow):
+        n = p // (oh * ow)
+        r = p - n * oh * ow
+        y = r // ow
+        xx = r - y * ow
+        col = 0
+        for ky in range(kh):
+            iy = y * stride - pad + ky
+            for kx in range(kw):
+                ix = xx * stride - pad + kx
+                if 0 <= iy < h and 0 <= ix < wd:
+                    out[p, col] = np.uint32(x[n, iy, ix, 0] & np.uint64(0xFFFFFFFF))
+                else:
+                    out[p, col] = 0
+                col += 1
+        for c in range(col, out.shape[1]):
+            out[p, c] = 0
+
+
+@njit(cache=True, parallel=True)
 def _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, out_acc, out_bits):  # pragma: no cover
     """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], corr: int64
     [patterns, O] the padded taps' contribution per border pattern (:func:`border_table`: output pixel (y, x) has
@@ -377,12 +402,22 @@ def conv_words(
     n, h, wd, cw = x.shape
     o, kh, kw, _ = w.shape
     oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(wd, kw, stride, pad)
+    b = np.ascontiguousarray(w).reshape(o, -1)
     if kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0:
         a = np.ascontiguousarray(x).reshape(n * oh * ow, -1)  # a linear layer, or a 1x1 conv: no im2col
+    elif c_in <= WORD_BITS // 2 and kh * kw > 1:
+        # at most 32 channels: half of every word would be padding; pack two taps per word instead (the same
+        # layout on both sides, so XOR-popcount is unchanged; the padding correction is per tap either way)
+        taps = 2 * ((kh * kw + 1) // 2)
+        a32 = np.empty((n * oh * ow, taps), np.uint32)
+        _im2col_half_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a32)
+        a = a32.view(np.uint64)
+        b32 = np.zeros((o, taps), np.uint32)
+        b32[:, : kh * kw] = (b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        b = b32.view(np.uint64)
     else:
         a = np.empty((n * oh * ow, kh * kw * cw), np.uint64)
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
-    b = np.ascontiguousarray(w).reshape(o, -1)
     table, ypat, xpat = plan if plan is not None else conv_plan(w, wsum, t, c_in, h, wd, stride, pad)
     k_full = kh * kw * c_in
     if t is None:
