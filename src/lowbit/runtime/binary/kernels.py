@@ -121,7 +121,9 @@ def _dot4x2(a0, a1, a2, a3, b0, b1, n):  # pragma: no cover
 @njit(cache=True, parallel=True)
 def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
     """x: uint64 [N, H, W, Cw] -> out [N * OH * OW, KH * KW * Cw], the taps of each output pixel in (ky, kx, word)
-    order; a tap outside the image is a zero word (all -1, corrected in the GEMM)."""
+    order; a tap outside the image is a zero word (all -1, corrected in the GEMM). With a uint32 ``out`` of at
+    least KH * KW columns (inputs of at most 32 channels: Cw = 1, the high half of each word zero) each tap is a
+    half-word, two per 64-bit word, and the columns after the last tap are zero."""
     n_img, h, wd, cw = x.shape
     for p in prange(n_img * oh * ow):
         n = p // (oh * ow)
@@ -140,29 +142,6 @@ def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
                     for c in range(cw):
                         out[p, col + c] = 0
                 col += cw
-
-
-@njit(cache=True, parallel=True)
-def _im2col_half_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
-    """Like :func:`_im2col_kernel` for inputs of at most 32 channels (one word per pixel, its high half zero): out
-    uint32 [N * OH * OW, 2 ceil(KH KW / 2)], the low half-word of each tap, two taps per 64-bit word (a trailing
-    half-word zero); a tap outside the image is zero."""
-    n_img, h, wd, _ = x.shape
-    for p in prange(n_img * oh * ow):
-        n = p // (oh * ow)
-        r = p - n * oh * ow
-        y = r // ow
-        xx = r - y * ow
-        col = 0
-        for ky in range(kh):
-            iy = y * stride - pad + ky
-            for kx in range(kw):
-                ix = xx * stride - pad + kx
-                if 0 <= iy < h and 0 <= ix < wd:
-                    out[p, col] = np.uint32(x[n, iy, ix, 0] & np.uint64(0xFFFFFFFF))
-                else:
-                    out[p, col] = 0
-                col += 1
         for c in range(col, out.shape[1]):
             out[p, c] = 0
 
@@ -410,7 +389,7 @@ def conv_words(
         # layout on both sides, so XOR-popcount is unchanged; the padding correction is per tap either way)
         taps = 2 * ((kh * kw + 1) // 2)
         a32 = np.empty((n * oh * ow, taps), np.uint32)
-        _im2col_half_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a32)
+        _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a32)
         a = a32.view(np.uint64)
         b32 = np.zeros((o, taps), np.uint32)
         b32[:, : kh * kw] = (b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
