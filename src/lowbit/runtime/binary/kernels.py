@@ -356,23 +356,42 @@ _NO_ACC = np.empty((0, 0), np.int32)
 _NO_BITS = np.empty((0, 0), np.uint64)
 
 
+def _half_words(c_in: int, h: int, wd: int, kh: int, kw: int, stride: int, pad: int) -> bool:
+    """Whether the conv packs two taps per word: at most 32 channels (half of every word would be padding) and
+    an im2col (not a linear layer or an unpadded 1x1 conv)."""
+    direct = kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0
+    return not direct and c_in <= WORD_BITS // 2 and kh * kw > 1
+
+
+def _weight_rows(w: np.ndarray, half: bool) -> np.ndarray:
+    """The GEMM's weight rows: uint64 [O, KH KW Cw], or with ``half`` two taps (low half-words) per word."""
+    o, kh, kw, _ = w.shape
+    b = np.ascontiguousarray(w).reshape(o, -1)
+    if not half:
+        return b
+    b32 = np.zeros((o, 2 * ((kh * kw + 1) // 2)), np.uint32)
+    b32[:, : kh * kw] = (b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return b32.view(np.uint64)
+
+
 def conv_plan(
     w: np.ndarray, wsum: np.ndarray, t: np.ndarray | None, c_in: int, h: int, wd: int, stride: int, pad: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What :func:`conv_words` precomputes for an ``h x wd`` input, to be reused across calls of the same size:
-    ``(table, ypat, xpat)`` of :func:`border_table`, the table holding the padding corrections (``t`` None) or,
-    with thresholds, the popcount limits ``floor((K - corr - t) / 2)``: ``K - 2 popcount - corr >= t`` exactly
-    when ``popcount <= limit``."""
+    ``(table, ypat, xpat, rows)``: :func:`border_table`'s, the table holding the padding corrections (``t`` None)
+    or, with thresholds, the popcount limits ``floor((K - corr - t) / 2)`` (``K - 2 popcount - corr >= t`` exactly
+    when ``popcount <= limit``), and the GEMM's weight rows in the layout this input size uses."""
     corr, ypat, xpat = border_table(wsum, h, wd, stride, pad)
+    rows = _weight_rows(w, _half_words(c_in, h, wd, w.shape[1], w.shape[2], stride, pad))
     if t is None:
-        return corr, ypat, xpat
+        return corr, ypat, xpat, rows
     k_full = w.shape[1] * w.shape[2] * c_in
-    return (k_full - corr - np.asarray(t, np.int64)[None, :]) // 2, ypat, xpat
+    return (k_full - corr - np.asarray(t, np.int64)[None, :]) // 2, ypat, xpat, rows
 
 
 def conv_words(
     x: np.ndarray, w: np.ndarray, wsum: np.ndarray, t: np.ndarray | None, c_in: int, stride: int, pad: int,
-    plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The unchecked core of :func:`binary_conv2d` (shapes must be right, padding bits zero): packed NHWC ``x``
     [N, H, W, Cw], weights ``w`` [O, KH, KW, Cw] with ``wsum = tap_sums(w, c_in)``; returns int32 acc
@@ -381,23 +400,18 @@ def conv_words(
     n, h, wd, cw = x.shape
     o, kh, kw, _ = w.shape
     oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(wd, kw, stride, pad)
-    b = np.ascontiguousarray(w).reshape(o, -1)
-    if kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0:
-        a = np.ascontiguousarray(x).reshape(n * oh * ow, -1)  # a linear layer, or a 1x1 conv: no im2col
-    elif c_in <= WORD_BITS // 2 and kh * kw > 1:
-        # at most 32 channels: half of every word would be padding; pack two taps per word instead (the same
-        # layout on both sides, so XOR-popcount is unchanged; the padding correction is per tap either way)
-        taps = 2 * ((kh * kw + 1) // 2)
-        a32 = np.empty((n * oh * ow, taps), np.uint32)
+    table, ypat, xpat, b = plan if plan is not None else conv_plan(w, wsum, t, c_in, h, wd, stride, pad)
+    if _half_words(c_in, h, wd, kh, kw, stride, pad):
+        # at most 32 channels: two taps per word, the same layout as the weight rows, so XOR-popcount is unchanged
+        # (the padding correction is per tap either way)
+        a32 = np.empty((n * oh * ow, 2 * ((kh * kw + 1) // 2)), np.uint32)
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a32)
         a = a32.view(np.uint64)
-        b32 = np.zeros((o, taps), np.uint32)
-        b32[:, : kh * kw] = (b & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        b = b32.view(np.uint64)
+    elif kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0:
+        a = np.ascontiguousarray(x).reshape(n * oh * ow, -1)  # a linear layer, or a 1x1 conv: no im2col
     else:
         a = np.empty((n * oh * ow, kh * kw * cw), np.uint64)
         _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
-    table, ypat, xpat = plan if plan is not None else conv_plan(w, wsum, t, c_in, h, wd, stride, pad)
     k_full = kh * kw * c_in
     if t is None:
         acc = np.empty((n * oh * ow, o), np.int32)
