@@ -5,7 +5,7 @@
 
 Rows (``bench/results/binary_runtime.json``, ``.png``):
 
-    layer/...    one binary layer as the runtime runs it (packed bits in, im2col on bits, XNOR-popcount GEMM,
+    layer/...    one binary layer as the runtime runs it (packed bits in, taps gathered per tile, XNOR-popcount GEMM,
                  fused integer threshold, packed bits out) against ``F.conv2d`` / ``F.linear`` in fp32 on the same
                  shape; 3x3 convs 128->128 @16x16, 256->256 @8x8, 512->512 @4x4 (stride 1, padding 1) and FC
                  4096x4096, batch 1 and 64; for the FC also onnxruntime's int8 ``MatMulInteger`` when installed

@@ -195,6 +195,27 @@ def test_a_fully_convolutional_bnn_on_inputs_of_several_sizes() -> None:
         _assert_same(model, packed, torch.randn(2, 3, *hw))
 
 
+def test_narrow_layers_pack_two_taps_per_word() -> None:
+    """At most 32 input channels: a conv (5x5 = 25 taps, an odd count) and the linear layer over the flattened
+    20-channel map (3 x 3 = 9 positions) pack two taps per word; both must still equal the torch model, with
+    padding and a stride."""
+    torch.manual_seed(4)
+    binary = {"weight_quantizer": "ste_sign", "input_quantizer": "ste_sign"}
+    model = nn.Sequential(
+        QuantConv2d(3, 17, 3, padding=1, bias=False, weight_quantizer="ste_sign"), nn.BatchNorm2d(17), nn.Hardtanh(),
+        QuantConv2d(17, 20, 5, padding=2, stride=2, bias=False, **binary), nn.BatchNorm2d(20),  # type: ignore[arg-type]
+        nn.Hardtanh(), nn.Flatten(), QuantLinear(20 * 3 * 3, 6, **binary),  # type: ignore[arg-type]
+    )
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 6, 6))
+    _negate_some_gammas(model)
+    model.eval()
+    packed = pack_model(model)
+    _assert_same(model, packed, torch.randn(7, 3, 6, 6))
+    _assert_same(model, packed, torch.randn(1, 3, 5, 5))
+
+
 def test_unsupported_models_are_named() -> None:
     relu = _quantize(create_model("mlp_bnn", in_chans=1, input_size=8, width=16, depth=2, act="relu"), "features.0")
     with pytest.raises(UnsupportedModelError, match="'features.2' is a ReLU"):

@@ -8,15 +8,16 @@ numba has no popcount function; :func:`popcount64` is a tiny ``numba.extending.i
 ``llvm.ctpop.i64``, which becomes the ``popcnt`` instruction (``popcnt_in_asm`` checks the assembly), or a
 vectorized ``vpshufb`` popcount where LLVM vectorizes a loop.
 
-One GEMM kernel does every binary layer. A convolution first gathers the taps of each output pixel into one
-row of ``KH * KW * Cw`` words (im2col on bits: 1/O of the GEMM's work); a linear layer, or a 1x1 convolution, is
-already a row per pixel. The GEMM keeps 4 pixels x 2 output channels in registers per inner loop (8
-accumulators, 6 loads per 8 popcounts; 1 x 4 for left-over pixels) and is split over threads (``prange``) in
-tiles of 16 pixels x 64 output channels (one output word), whose pixel rows stay in L1 while the weight rows
-stream by.
+One kernel does every binary layer, as a GEMM of pixel rows by weight rows split over threads (``prange``) in
+tiles of 16 pixels x 64 output channels (one output word). A convolution tile first gathers the taps of each of
+its pixels into one row of ``KH * KW * Cw`` words in an L1 buffer (im2col on bits, on the fly: the rows never go
+to memory); a linear layer, or an unpadded 1x1 convolution, is already a row per pixel. With at most 32 input
+channels two taps share a word (otherwise half of every word would be padding). The tile keeps 4 pixels x 2
+output channels in registers per inner loop (8 accumulators, 6 loads per 8 popcounts; 1 x 4 for left-over
+pixels): its pixel rows stay in L1 while the weight rows stream by.
 
 Padding semantics: lowbit's quantized conv pads the *quantized* input with zeros (``F.conv2d`` after the sign),
-so a padded tap contributes 0, not +-1. im2col writes a zero word (bits 0 = -1) for a tap outside the image, which
+so a padded tap contributes 0, not +-1. The gather writes a zero word (bits 0 = -1) for a tap outside the image, which
 contributes ``sum_c (-1) w_c = C - 2 popcount(w_tap)``; that term (``wsum``, precomputed per output channel and
 tap) is subtracted again for the taps outside the image, so the result equals ``F.conv2d`` on the +-1 tensors
 with zero padding exactly. The taps outside the image depend only on the pixel's border pattern (9 for a 3x3
@@ -118,47 +119,86 @@ def _dot4x2(a0, a1, a2, a3, b0, b1, n):  # pragma: no cover
     return s00, s01, s10, s11, s20, s21, s30, s31
 
 
-@njit(cache=True, parallel=True)
-def _im2col_kernel(x, kh, kw, stride, pad, oh, ow, out):  # pragma: no cover
-    """x: uint64 [N, H, W, Cw] -> out [N * OH * OW, KH * KW * Cw], the taps of each output pixel in (ky, kx, word)
-    order; a tap outside the image is a zero word (all -1, corrected in the GEMM). With a uint32 ``out`` of at
-    least KH * KW columns (inputs of at most 32 channels: Cw = 1, the high half of each word zero) each tap is a
-    half-word, two per 64-bit word, and the columns after the last tap are zero."""
-    n_img, h, wd, cw = x.shape
-    for p in prange(n_img * oh * ow):
-        n = p // (oh * ow)
-        r = p - n * oh * ow
-        y = r // ow
-        xx = r - y * ow
-        col = 0
-        for ky in range(kh):
-            iy = y * stride - pad + ky
-            for kx in range(kw):
-                ix = xx * stride - pad + kx
-                if 0 <= iy < h and 0 <= ix < wd:
-                    for c in range(cw):
-                        out[p, col + c] = x[n, iy, ix, c]
+@njit(inline="always")
+def _gather(x, n, y, xx, kh, kw, stride, pad, half, dst):  # pragma: no cover
+    """Output pixel (n, y, xx)'s taps of x uint64 [N, H, W, Cw] into ``dst`` in (ky, kx, word) order; a tap outside
+    the image is a zero word (all -1, corrected after the popcount). With ``half`` (Cw = 1, at most 32 channels:
+    the high half of every word zero) two taps share a word, the odd tap in the high half."""
+    h = x.shape[1]
+    wd = x.shape[2]
+    cw = x.shape[3]
+    col = 0
+    for ky in range(kh):
+        iy = y * stride - pad + ky
+        for kx in range(kw):
+            ix = xx * stride - pad + kx
+            inside = 0 <= iy < h and 0 <= ix < wd
+            if half:
+                v = x[n, iy, ix, 0] if inside else np.uint64(0)
+                if col % 2 == 0:
+                    dst[col // 2] = v
                 else:
-                    for c in range(cw):
-                        out[p, col + c] = 0
+                    dst[col // 2] |= v << np.uint64(32)
+                col += 1
+            else:
+                for c in range(cw):
+                    dst[col + c] = x[n, iy, ix, c] if inside else np.uint64(0)
                 col += cw
-        for c in range(col, out.shape[1]):
-            out[p, c] = 0
+
+
+@njit(inline="always")
+def _tile_popcounts(a, a0, np_, b, o0, no, row, acc):  # pragma: no cover
+    """acc[i, j] = popcount(a[a0 + i] XOR b[o0 + j]) for i < np_, j < no."""
+    i_full = np_ - np_ % 4
+    j_full = no - no % 2
+    # 4 pixels x 2 channels; the tile's pixel rows stay in L1 while two weight rows stream by
+    for j in range(0, j_full, 2):
+        b0 = b[o0 + j]
+        b1 = b[o0 + j + 1]
+        for i in range(0, i_full, 4):
+            s = _dot4x2(a[a0 + i], a[a0 + i + 1], a[a0 + i + 2], a[a0 + i + 3], b0, b1, row)
+            acc[i, j] = np.int64(s[0])
+            acc[i, j + 1] = np.int64(s[1])
+            acc[i + 1, j] = np.int64(s[2])
+            acc[i + 1, j + 1] = np.int64(s[3])
+            acc[i + 2, j] = np.int64(s[4])
+            acc[i + 2, j + 1] = np.int64(s[5])
+            acc[i + 3, j] = np.int64(s[6])
+            acc[i + 3, j + 1] = np.int64(s[7])
+    for j in range(j_full, no):
+        for i in range(i_full):
+            acc[i, j] = np.int64(_dot1(a[a0 + i], b[o0 + j], row))
+    # left-over pixels: 1 pixel x 4 channels, then 1 x 1
+    for i in range(i_full, np_):
+        ai = a[a0 + i]
+        j = 0
+        while j + 4 <= no:
+            s4 = _dot1x4(ai, b[o0 + j], b[o0 + j + 1], b[o0 + j + 2], b[o0 + j + 3], row)
+            acc[i, j] = np.int64(s4[0])
+            acc[i, j + 1] = np.int64(s4[1])
+            acc[i, j + 2] = np.int64(s4[2])
+            acc[i, j + 3] = np.int64(s4[3])
+            j += 4
+        while j < no:
+            acc[i, j] = np.int64(_dot1(ai, b[o0 + j], row))
+            j += 1
 
 
 @njit(cache=True, parallel=True)
-def _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, out_acc, out_bits):  # pragma: no cover
-    """a: uint64 [P, L] (one row of taps per output pixel, P = N * OH * OW), b: uint64 [O, L], corr: int64
+def _conv_kernel(  # pragma: no cover
+    x, rows, kh, kw, stride, pad, half, b, k_full, corr, ypat, xpat, oh, ow, out_acc, out_bits
+):
+    """x: uint64 [N, H, W, Cw], or its pixel rows ``rows`` [P, L] (P = N OH OW) when the layer needs no gather
+    (else ``rows`` is empty); b: uint64 [O, L] weight rows (the taps laid out as :func:`_gather` does); corr: int64
     [patterns, O] the padded taps' contribution per border pattern (:func:`border_table`: output pixel (y, x) has
-    pattern ``ypat[y] + xpat[x]``), t: int64 [O].
-    acc = k_full - 2 popcount(a XOR b) - corr. Writes out_acc int32 [P, O] when it has rows, else the bits
-    acc >= t into out_bits uint64 [P, words(O)]."""
-    n_pix, row = a.shape
-    n_out = b.shape[0]
+    pattern ``ypat[y] + xpat[x]``).
+    acc = k_full - 2 popcount(taps XOR b) - corr. Writes out_acc int32 [P, O] when it has rows, else the bits
+    popcount <= corr (corr then holds the popcount limits) into out_bits uint64 [P, words(O)]."""
+    n_pix = x.shape[0] * oh * ow
+    n_out, row = b.shape
     n_ptile = (n_pix + TILE_PIXELS - 1) // TILE_PIXELS
     n_otile = (n_out + TILE_CHANNELS - 1) // TILE_CHANNELS
     want_acc = out_acc.shape[0] > 0
-    n_pat = corr.shape[0]
     for tile in prange(n_ptile * n_otile):
         pt = tile // n_otile
         ot = tile - pt * n_otile
@@ -166,49 +206,38 @@ def _gemm_kernel(a, b, k_full, corr, ypat, xpat, oh, ow, out_acc, out_bits):  # 
         np_ = min(TILE_PIXELS, n_pix - p0)
         o0 = ot * TILE_CHANNELS
         no = min(TILE_CHANNELS, n_out - o0)
+        n = p0 // (oh * ow)
+        r = p0 - n * oh * ow
+        y = r // ow
+        xx = r - y * ow
         acc = np.empty((TILE_PIXELS, TILE_CHANNELS), np.int64)
-        i_full = np_ - np_ % 4
-        j_full = no - no % 2
-        # 4 pixels x 2 channels; the tile's pixel rows stay in L1 while two weight rows stream by
-        for j in range(0, j_full, 2):
-            b0 = b[o0 + j]
-            b1 = b[o0 + j + 1]
-            for i in range(0, i_full, 4):
-                s = _dot4x2(a[p0 + i], a[p0 + i + 1], a[p0 + i + 2], a[p0 + i + 3], b0, b1, row)
-                acc[i, j] = np.int64(s[0])
-                acc[i, j + 1] = np.int64(s[1])
-                acc[i + 1, j] = np.int64(s[2])
-                acc[i + 1, j + 1] = np.int64(s[3])
-                acc[i + 2, j] = np.int64(s[4])
-                acc[i + 2, j + 1] = np.int64(s[5])
-                acc[i + 3, j] = np.int64(s[6])
-                acc[i + 3, j + 1] = np.int64(s[7])
-        for j in range(j_full, no):
-            for i in range(i_full):
-                acc[i, j] = np.int64(_dot1(a[p0 + i], b[o0 + j], row))
-        # left-over pixels: 1 pixel x 4 channels, then 1 x 1
-        for i in range(i_full, np_):
-            ai = a[p0 + i]
-            j = 0
-            while j + 4 <= no:
-                s4 = _dot1x4(ai, b[o0 + j], b[o0 + j + 1], b[o0 + j + 2], b[o0 + j + 3], row)
-                acc[i, j] = np.int64(s4[0])
-                acc[i, j + 1] = np.int64(s4[1])
-                acc[i, j + 2] = np.int64(s4[2])
-                acc[i, j + 3] = np.int64(s4[3])
-                j += 4
-            while j < no:
-                acc[i, j] = np.int64(_dot1(ai, b[o0 + j], row))
-                j += 1
+        if rows.shape[0] > 0:  # a linear layer or an unpadded 1x1 conv: the pixel rows are the input itself
+            _tile_popcounts(rows, p0, np_, b, o0, no, row, acc)
+        else:
+            # im2col on the fly: the tile's pixel rows, gathered into an L1 buffer (the taps never go to memory)
+            a = np.empty((TILE_PIXELS, row), np.uint64)
+            for i in range(np_):
+                _gather(x, n, y, xx, kh, kw, stride, pad, half, a[i])
+                xx += 1
+                if xx == ow:
+                    xx = 0
+                    y += 1
+                    if y == oh:
+                        y = 0
+                        n += 1
+            _tile_popcounts(a, 0, np_, b, o0, no, row, acc)
         # popcount -> dot product, minus the padded taps' contribution of the pixel's border pattern (one
-        # contiguous row of the table: a few patterns, not a lookup per tap); then store or threshold
-        c = corr[0]  # no padding: one pattern
+        # contiguous row of the table), then store or threshold
+        r = p0 % (oh * ow)
+        y = r // ow
+        xx = r - y * ow
         for i in range(np_):
             p = p0 + i
-            if n_pat > 1:
-                r = p % (oh * ow)
-                y = r // ow
-                c = corr[ypat[y] + xpat[r - y * ow]]
+            c = corr[ypat[y] + xpat[xx]]
+            xx += 1
+            if xx == ow:
+                xx = 0
+                y = y + 1 if y + 1 < oh else 0
             if want_acc:
                 for j in range(no):
                     out_acc[p, o0 + j] = k_full - 2 * acc[i, j] - c[o0 + j]
@@ -354,13 +383,13 @@ def threshold_pack(x: np.ndarray, t: np.ndarray, flip: np.ndarray) -> tuple[np.n
 
 _NO_ACC = np.empty((0, 0), np.int32)
 _NO_BITS = np.empty((0, 0), np.uint64)
+_NO_ROWS = _NO_BITS
 
 
-def _half_words(c_in: int, h: int, wd: int, kh: int, kw: int, stride: int, pad: int) -> bool:
-    """Whether the conv packs two taps per word: at most 32 channels (half of every word would be padding) and
-    an im2col (not a linear layer or an unpadded 1x1 conv)."""
-    direct = kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0
-    return not direct and c_in <= WORD_BITS // 2 and kh * kw > 1
+def _half_words(c_in: int, kh: int, kw: int) -> bool:
+    """Whether the layer packs two taps per word: at most 32 channels (half of every word would be padding) and
+    more than one tap."""
+    return c_in <= WORD_BITS // 2 and kh * kw > 1
 
 
 def _weight_rows(w: np.ndarray, half: bool) -> np.ndarray:
@@ -382,7 +411,7 @@ def conv_plan(
     or, with thresholds, the popcount limits ``floor((K - corr - t) / 2)`` (``K - 2 popcount - corr >= t`` exactly
     when ``popcount <= limit``), and the GEMM's weight rows in the layout this input size uses."""
     corr, ypat, xpat = border_table(wsum, h, wd, stride, pad)
-    rows = _weight_rows(w, _half_words(c_in, h, wd, w.shape[1], w.shape[2], stride, pad))
+    rows = _weight_rows(w, _half_words(c_in, w.shape[1], w.shape[2]))
     if t is None:
         return corr, ypat, xpat, rows
     k_full = w.shape[1] * w.shape[2] * c_in
@@ -401,24 +430,18 @@ def conv_words(
     o, kh, kw, _ = w.shape
     oh, ow = conv_out_size(h, kh, stride, pad), conv_out_size(wd, kw, stride, pad)
     table, ypat, xpat, b = plan if plan is not None else conv_plan(w, wsum, t, c_in, h, wd, stride, pad)
-    if _half_words(c_in, h, wd, kh, kw, stride, pad):
-        # at most 32 channels: two taps per word, the same layout as the weight rows, so XOR-popcount is unchanged
-        # (the padding correction is per tap either way)
-        a32 = np.empty((n * oh * ow, 2 * ((kh * kw + 1) // 2)), np.uint32)
-        _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a32)
-        a = a32.view(np.uint64)
-    elif kh == h + 2 * pad and kw == wd + 2 * pad and pad == 0 or kh == kw == stride == 1 and pad == 0:
-        a = np.ascontiguousarray(x).reshape(n * oh * ow, -1)  # a linear layer, or a 1x1 conv: no im2col
-    else:
-        a = np.empty((n * oh * ow, kh * kw * cw), np.uint64)
-        _im2col_kernel(np.ascontiguousarray(x), kh, kw, stride, pad, oh, ow, a)
+    x = np.ascontiguousarray(x)
+    half = _half_words(c_in, kh, kw)
+    whole = kh == h and kw == wd or kh == kw == stride == 1
+    # a linear layer (the kernel covers the image) or a 1x1 conv, unpadded: each pixel's taps are already one row
+    rows = x.reshape(n * oh * ow, -1) if whole and pad == 0 and not half else _NO_ROWS
     k_full = kh * kw * c_in
     if t is None:
         acc = np.empty((n * oh * ow, o), np.int32)
-        _gemm_kernel(a, b, k_full, table, ypat, xpat, oh, ow, acc, _NO_BITS)
+        _conv_kernel(x, rows, kh, kw, stride, pad, half, b, k_full, table, ypat, xpat, oh, ow, acc, _NO_BITS)
         return acc.reshape(n, oh, ow, o)
     bits = np.empty((n * oh * ow, words(o)), np.uint64)
-    _gemm_kernel(a, b, k_full, table, ypat, xpat, oh, ow, _NO_ACC, bits)
+    _conv_kernel(x, rows, kh, kw, stride, pad, half, b, k_full, table, ypat, xpat, oh, ow, _NO_ACC, bits)
     return bits.reshape(n, oh, ow, -1)
 
 
