@@ -40,7 +40,8 @@ ste_sign but the first conv's input, which stays real-valued; Hardtanh; a BatchN
 ClipWeights), both from scratch with Adam, cosine, batch 128, ``--vgg-epochs`` (the paper trains for hundreds of
 epochs with batch 50 and the square hinge loss; here cross-entropy).
 
-Rows ``resnet20/METHOD`` and ``vgg_small/{float,bnn}`` go to ``bench/results/quant_cifar.json`` (quick runs:
+Rows ``resnet20/METHOD`` (``resnet20/METHOD-eE`` for a run of ``--epochs E`` other than the default 3) and
+``vgg_small/{float,bnn}`` go to ``bench/results/quant_cifar.json`` (quick runs:
 ``quant_cifar_quick.json``) with test accuracy, storage at the quantized bit widths and BOPs
 (``lowbit.hw.profile``: weights at their bit width, everything else 32-bit), and the budget. Runs are
 resumable under ``$LOWBIT_RUNS/quant_cifar/`` (``--fresh`` restarts them). ``bench/results/
@@ -109,6 +110,7 @@ RESNET20: dict[str, Method] = {
     "laq_3bit": Method("W3A32", {"name": "laq_linear", "bits": 3}, callbacks=("loss_aware",), max_drop_points=1.5),
 }
 DEFAULT_METHODS = [m for m in RESNET20 if m != "float_ft"]
+DEFAULT_EPOCHS = 3.0  # the table's fine-tuning budget per ResNet-20 row
 
 
 def swap_activations(model: nn.Module, act: Act) -> int:
@@ -245,7 +247,9 @@ def resnet_rows(args: argparse.Namespace, data: Dataset, root: Path, write: Call
                "bn_recalibration_batches": args.bn_recalib,
                "minutes": _minutes(res.history), "wall_minutes_this_call": round((time.perf_counter() - t0) / 60, 2),
                "run_dir": str(run), **method.paper}
-        write({f"resnet20/{name}": row})
+        # a longer (or shorter) run than the table's budget is a row of its own, beside the default one
+        longer = "" if args.quick or args.epochs == DEFAULT_EPOCHS else f"-e{args.epochs:g}"
+        write({f"resnet20/{name}{longer}": row})
 
 
 def build_vgg(binary: bool, width: float, fc_hidden: tuple[int, ...] = (1024, 1024)) -> nn.Module:
@@ -308,7 +312,8 @@ def main() -> None:
                     help="ResNet-20 rows to fine-tune ('none': only the VGG pair)")
     ap.add_argument("--checkpoint", default=str(CHECKPOINTS / "resnet20.safetensors"),
                     help="the float ResNet-20 to start from (a model or training checkpoint)")
-    ap.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs per ResNet-20 row")
+    ap.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="fine-tuning epochs per ResNet-20 row "
+                    "(rows of another length are named METHOD-eEPOCHS)")
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate for every row (default: per method)")
     ap.add_argument("--lam", type=float, default=1e-6, help="BNN+ regularizer strength (l1)")
     ap.add_argument("--vgg", action=argparse.BooleanOptionalAction, default=True, help="run the VGG-like pair")
