@@ -193,6 +193,20 @@ def test_bias_that_does_not_fit_int32_is_a_lowering_error() -> None:
         convert(prepared)
 
 
+def test_diverged_batch_norm_is_a_lowering_error_naming_the_layer() -> None:
+    """A batch norm whose scale blew up after the output range was observed (what a diverged QAT run leaves)
+    folds into weights whose requantization multiplier does not fit the fixed-point form: a LoweringError that
+    names the layer, not a bare ValueError from the multiplier arithmetic."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    prepared = prepare_ptq(net)
+    calibrate(prepared, [torch.randn(4, 1, 6, 6)], n_batches=1)
+    fused = next(m for m in prepared.modules() if hasattr(m, "bn") and m.bn is not None)
+    with torch.no_grad():
+        fused.bn.weight[1] = 1e12
+    with pytest.raises(LoweringError, match=r"multiplier S_in S_w / S_out of channel 1 is .* diverged"):
+        convert(prepared)
+
+
 def test_global_pool_shortcut_and_flatten_nodes() -> None:
     model, shape = MODELS["resnet8"]
     _, q = int8(model, shape)

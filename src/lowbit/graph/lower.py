@@ -136,6 +136,15 @@ def _weighted(module: ConvBnAct2d | LinearAct, name: str, inp: QParams, out: QPa
     if worst > INT32_MAX:
         raise LoweringError(f"{name}: {k} products per output can overflow the int32 accumulator "
                             f"({worst} > 2^31 - 1); split the layer")
+    m = inp.scale * w_scale.double() / out.scale  # the requantization multiplier per output channel
+    if not bool(torch.isfinite(w).all()) or float(m.max()) >= 2.0**31:
+        c = int(m.argmax()) if bool(torch.isfinite(m).all()) else int((~torch.isfinite(m)).nonzero()[0])
+        raise LoweringError(
+            f"{name}: the requantization multiplier S_in S_w / S_out of channel {c} is {float(m[c]):.3g} (it must be "
+            f"below 2^31): its folded weights reach {float(w[c].abs().max()):.3g} against an output range of "
+            f"{float(out.scale) * (out.qmax - out.qmin):.3g}. Folded weights that large mean the batch norm (or the "
+            "training) has diverged: check the QAT loss and gradients, lower the learning rate or clip gradients "
+            "(TrainConfig.grad_clip)")
     lo, hi = _clamp(module.act, out)
     if isinstance(module, ConvBnAct2d):
         c = module.conv
