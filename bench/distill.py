@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -256,6 +257,8 @@ def main() -> None:
                        test=Split(data.test.x[te], data.test.y[te]))
     name = "distill_quick" if args.quick else "distill"
     root = runs_dir() / ("distill-quick" if args.quick else "distill")
+    if args.quick and root.exists():  # a smoke run checks today's code: never resume one written by older code
+        shutil.rmtree(root)
     t0 = time.perf_counter()
     teacher, teacher_name = _teacher(args, data, root)
     _same_teacher(root, teacher, teacher_name)

@@ -279,6 +279,7 @@ def main() -> None:
         data = subset(data, QUICK_TRAIN, QUICK_TEST)
         args.epochs = QUICK_STEPS * 128 / QUICK_TRAIN
         name, root = "quant_multibit_quick", root / "quick"
+        args.fresh = True  # a smoke run checks today's code: never resume one written by older code
     cfg = train_config(args)
     budget = f"e{cfg.epochs:g}_lr{cfg.lr:g}"
     results_path = RESULTS / f"{name}.json"

@@ -92,6 +92,21 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
         fit(_model(), load_dataset("digits"), CFG, run_dir=tmp_path, resume=True, show_progress=False)
 
 
+def test_resume_with_other_parameter_groups_names_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same config, but the optimizer now groups the parameters differently (what a run written by an older lowbit
+    meets after a config field that splits the groups was added): a CheckpointError naming the file."""
+    short = CFG.model_copy(update={"epochs": 1})
+    fit(_model(), load_dataset("digits"), short, run_dir=tmp_path, show_progress=False)
+
+    def two_groups(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+        params = list(model.parameters())
+        return torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=cfg.lr)
+
+    monkeypatch.setattr("lowbit.train.engine.build_optimizer", two_groups)
+    with pytest.raises(CheckpointError, match=r"last\.safetensors: .*grouped differently.*new run directory"):
+        fit(_model(), load_dataset("digits"), short, run_dir=tmp_path, resume=True, show_progress=False)
+
+
 def test_schedules() -> None:
     kw = dict(base_lr=1.0, total_steps=100, steps_per_epoch=10)
     assert lr_at("cosine", step=0, **kw) == 1.0 and abs(lr_at("cosine", step=50, **kw) - 0.5) < 1e-9

@@ -225,7 +225,12 @@ def fit(
             raise CheckpointError(f"{last}: was written with a different training config; "
                                   "resume needs the same one (or start a new run directory)")
         load_state_into(model, ckpt.group("model"), where=str(last))
-        _restore_optimizer(opt, ckpt.group("optim"), ckpt.meta["optimizer"])
+        try:
+            _restore_optimizer(opt, ckpt.group("optim"), ckpt.meta["optimizer"])
+        except CheckpointError as e:  # same config, other parameter groups: the model or its quantizers changed
+            raise CheckpointError(f"{last}: {e}; the model's parameters are grouped differently from the run that "
+                                  "wrote it (another model, quantizer or lowbit version): start a new run "
+                                  "directory") from e
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         step, history, sums = ckpt.meta["step"], ckpt.meta["history"], ckpt.meta["sums"]
     if out is not None:
