@@ -247,6 +247,36 @@ def test_qat_schedule_freezes_batch_norms_then_ranges() -> None:
         QATSchedule(10, freeze_bn_at=2.0)
 
 
+def test_qat_calibration_observes_the_batch_statistics_forward() -> None:
+    """QAT trains with batch-statistics batch norm, so its ranges are calibrated under that forward, not under
+    running statistics far from it (here a running variance of 100, as in a barely trained model). Under those,
+    the ranges were 10x too narrow: most activations clipped once training started, and MobileNet v2's first QAT
+    gradients reached 1e13 against 1.8 in float. The running statistics stay as they were."""
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.fill_(100.0)
+    qat = prepare_qat(copy.deepcopy(net).eval())
+    x = torch.randn(16, 3, 6, 6)
+
+    def running() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in qat.state_dict().items() if "running" in k or "num_batches" in k}
+
+    before = running()
+    calibrate(qat, [x], n_batches=1)
+    assert all(torch.equal(before[k], v) for k, v in running().items())
+    q = qat.act_quant["0"].quantizer  # after the first conv + BN + ReLU6
+    with torch.no_grad():
+        batch_stats_max = float(net.train()[:3](x).max())
+    assert float(q.scale) * (q.qmax - int(q.zero_point)) == pytest.approx(batch_stats_max, rel=0.02)
+
+
 @pytest.mark.parametrize("qat", [False, True])
 def test_a_prepared_int8_checkpoint_loads_back_to_the_same_integer_model(qat: bool, tmp_path: Path) -> None:
     from lowbit.models import create_model

@@ -372,7 +372,10 @@ def calibrate(model: nn.Module, data: Iterable[Any], n_batches: int, show_progre
     mode, observing every quantization point; returns the number of batches used.
 
     Activation quantizers only observe (their input passes through in float, as post-training calibration
-    does); the ranges are fixed afterwards. For a QAT model this initializes the EMA ranges from data.
+    does); the ranges are fixed afterwards. For a QAT model (in training mode, as :func:`prepare_qat` returns
+    it) this initializes the EMA ranges from data, with its fused batch norms on batch statistics as in QAT's
+    forward (their running statistics are left as they were), since ranges observed under running statistics
+    that differ from the batch's clip most activations once training starts.
 
     Raises:
         ValueError: ``n_batches < 1``, a model with no quantizers, ``data`` that yields no batch, or a NaN/inf
@@ -391,6 +394,14 @@ def calibrate(model: nn.Module, data: Iterable[Any], n_batches: int, show_progre
         raise ValueError("the model has no affine quantizers: prepare it first (prepare_ptq / prepare_qat)")
     was_training = model.training
     model.eval()
+    # a QAT model (prepared in training mode) trains with batch-statistics batch norm: observe the ranges of that
+    # forward, not of the running statistics, which can be far from them (a model trained briefly, or from
+    # scratch); the running statistics are put back afterwards
+    qat_bn = [m for m in model.modules() if isinstance(m, ConvBnAct2d) and m.bn is not None and not m.bn_frozen]
+    qat_bn = qat_bn if was_training else []
+    saved = [{k: v.clone() for k, v in m.bn.state_dict().items()} for m in qat_bn]  # type: ignore[union-attr]
+    for m in qat_bn:
+        m.train()
     for _, q in quants:
         q.calibrating = True
     used = 0
@@ -416,6 +427,8 @@ def calibrate(model: nn.Module, data: Iterable[Any], n_batches: int, show_progre
     finally:
         for _, q in quants:
             q.calibrating = False
+        for m, state in zip(qat_bn, saved, strict=True):
+            m.bn.load_state_dict(state)  # type: ignore[union-attr]
         model.train(was_training)
     if used == 0:
         raise ValueError("calibration data gave no batch (an empty loader?): the ranges cannot be estimated")
