@@ -146,10 +146,18 @@ def size_acc_points(*results: dict[str, dict[str, Any]]) -> dict[str, list[tuple
     for rows in results:
         for key, row in rows.items():
             group, _, method = key.partition("/")
-            if group in GROUPS and row.get("size_bytes") and row.get("test_acc_pct") is not None:
+            if _group_title(group) and row.get("size_bytes") and row.get("test_acc_pct") is not None:
                 points.setdefault(group, []).append((f"{method} {row.get('bits', '')}".strip(),
                                                      float(row["size_bytes"]), float(row["test_acc_pct"])))
-    return {g: points[g] for g in GROUPS if g in points}
+    order = [*GROUPS, *sorted(g for g in points if g not in GROUPS)]
+    return {g: points[g] for g in order if g in points}
+
+
+def _group_title(group: str) -> str | None:
+    """A panel title for a row group; ``resnet20-e80`` etc. are ResNet-20 rows fine-tuned from another baseline."""
+    if group in GROUPS:
+        return GROUPS[group]
+    return f"CIFAR-10, ResNet-20 (fine-tuned from {group})" if group.startswith("resnet20") else None
 
 
 def plot_size_acc(path: Path, mnist: Path = RESULTS / "quant_binary.json",
@@ -177,7 +185,7 @@ def plot_size_acc(path: Path, mnist: Path = RESULTS / "quant_binary.json",
         ax.set_xscale("log")
         ax.set_xlabel("model size (KB, weights at their bit width)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(GROUPS[group], fontsize=10)
+        ax.set_title(_group_title(group), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -40,7 +40,8 @@ ste_sign but the first conv's input, which stays real-valued; Hardtanh; a BatchN
 ClipWeights), both from scratch with Adam, cosine, batch 128, ``--vgg-epochs`` (the paper trains for hundreds of
 epochs with batch 50 and the square hinge loss; here cross-entropy).
 
-Rows ``resnet20/METHOD`` (``resnet20/METHOD-eE`` for a run of ``--epochs E`` other than the default 3) and
+Rows ``resnet20/METHOD`` (``resnet20/METHOD-eE`` for a run of ``--epochs E`` other than the default 3; from another
+``--checkpoint``, the checkpoint file's stem replaces ``resnet20``, e.g. ``resnet20-e80/ttq-e12``) and
 ``vgg_small/{float,bnn}`` go to ``bench/results/quant_cifar.json`` (quick runs:
 ``quant_cifar_quick.json``) with test accuracy, storage at the quantized bit widths and BOPs
 (``lowbit.hw.profile``: weights at their bit width, everything else 32-bit), and the budget. Runs are
@@ -208,9 +209,18 @@ def _minutes(history: list[dict[str, float]]) -> float:
     return round(sum(h["epoch_seconds"] for h in history) / 60, 2)
 
 
+def row_prefix(checkpoint: Path) -> str:
+    """The rows' name prefix for a float checkpoint: ``resnet20`` for the recipe's baseline, the file's stem for
+    another one (``resnet20-e80``), so that rows fine-tuned from different baselines never overwrite or get
+    compared with each other."""
+    stem = checkpoint.name.removesuffix(".safetensors")
+    return stem if stem.startswith("resnet20") else f"resnet20({stem})"
+
+
 def resnet_rows(args: argparse.Namespace, data: Dataset, root: Path, write: Callable[[dict[str, Any]], None]) -> None:
     """The ResNet-20 rows: the baseline evaluated, then each method fine-tuned from it."""
     ckpt_path = Path(args.checkpoint)
+    prefix = row_prefix(ckpt_path)
     base_model, meta = load_baseline(ckpt_path)
     base_id = load_checkpoint(ckpt_path).meta["sha256"][:8]  # a new baseline never resumes an old run
     t0 = time.perf_counter()
@@ -219,7 +229,7 @@ def resnet_rows(args: argparse.Namespace, data: Dataset, root: Path, write: Call
                  **costs(base_model), "epochs": 0, "note": "the float baseline, not fine-tuned",
                  "checkpoint": str(ckpt_path), "checkpoint_kind": meta.get("kind"),
                  "baseline_train": meta.get("train"), "eval_minutes": round((time.perf_counter() - t0) / 60, 2)}
-    write({"resnet20/float": float_row})
+    write({f"{prefix}/float": float_row})
     print(f"float baseline {ckpt_path}: {base_acc:.2f}%")
     for name in args.methods:
         method = RESNET20[name]
@@ -249,7 +259,7 @@ def resnet_rows(args: argparse.Namespace, data: Dataset, root: Path, write: Call
                "run_dir": str(run), **method.paper}
         # a longer (or shorter) run than the table's budget is a row of its own, beside the default one
         longer = "" if args.quick or args.epochs == DEFAULT_EPOCHS else f"-e{args.epochs:g}"
-        write({f"resnet20/{name}{longer}": row})
+        write({f"{prefix}/{name}{longer}": row})
 
 
 def build_vgg(binary: bool, width: float, fc_hidden: tuple[int, ...] = (1024, 1024)) -> nn.Module:

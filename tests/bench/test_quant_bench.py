@@ -8,7 +8,15 @@ import pytest
 import torch
 from bench.qat_step_cost import make_step
 from bench.quant_binary import costs, plot_size_acc, size_acc_points
-from bench.quant_cifar import RESNET20, build_vgg, make_callbacks, quantize_model, recalibrate_bn, swap_activations
+from bench.quant_cifar import (
+    RESNET20,
+    build_vgg,
+    make_callbacks,
+    quantize_model,
+    recalibrate_bn,
+    row_prefix,
+    swap_activations,
+)
 from torch import nn
 
 from lowbit.data import Dataset, Split
@@ -134,11 +142,13 @@ def test_size_acc_points_groups_rows_and_skips_rows_without_size(tmp_path) -> No
              "mnist_mlp/old": {"bits": "W1A1", "test_acc_pct": 90.0}}
     cifar = {"vgg_small/bnn": {"bits": "W1A1", "size_bytes": 10, "test_acc_pct": 70.0},
              "resnet20/ttq": {"bits": "W2A32", "size_bytes": 90, "test_acc_pct": 88.0},
+             "resnet20-e80/ttq": {"bits": "W2A32", "size_bytes": 90, "test_acc_pct": 89.0},
              "other/x": {"bits": "W1A1", "size_bytes": 1, "test_acc_pct": 1.0}}
     points = size_acc_points(mnist, cifar)
-    assert list(points) == ["mnist_mlp", "resnet20", "vgg_small"]
+    assert list(points) == ["mnist_mlp", "resnet20", "vgg_small", "resnet20-e80"]  # another baseline: own panel
     assert points["mnist_mlp"] == [("float W32A32", 4000.0, 98.5), ("bnn W1A1", 200.0, 97.0)]
     assert points["resnet20"] == [("ttq W2A32", 90.0, 88.0)]
+    assert points["resnet20-e80"] == [("ttq W2A32", 90.0, 89.0)]
     import json
 
     for name, rows in (("m.json", mnist), ("c.json", cifar)):
@@ -168,3 +178,32 @@ def test_recalibrate_bn_sets_the_plain_average_of_batch_statistics() -> None:
     torch.testing.assert_close(model[1].running_mean, mean)
     torch.testing.assert_close(model[1].running_var, var)
     assert model[1].momentum == 0.3 and not model.training  # restored
+
+
+def test_multibit_targets_compare_only_rows_of_the_float_checkpoints_budget() -> None:
+    from bench.quant_multibit import targets
+
+    new, old = "e3_lr0.01_baseAAAA", "e3_lr0.01_baseBBBB"
+    rows = {
+        "resnet20/float_checkpoint": {"test_acc_pct": 89.0, "budget": new},
+        "resnet20/qil/W4A4": {"test_acc_pct": 88.5, "budget": new},  # within 1 point
+        "resnet20/qil/W2A2": {"test_acc_pct": 80.0, "budget": new},  # 9 points down
+        "resnet20/lqnets/W4A4": {"test_acc_pct": 88.9, "budget": old},  # another baseline: not comparable
+        "resnet20/dorefa/W2A2": {"test_acc_pct": 79.0, "budget": new},
+        "resnet20/lqnets/W2A2": {"test_acc_pct": 88.0},  # written before rows had budgets
+    }
+    t = targets(rows)
+    assert t["qil_W4A4_within_1_points"] is True
+    assert t["qil_W2A2_within_4_points"] is False
+    assert t["qil_beats_dorefa_W2A2"] is True
+    assert t["lqnets_W4A4_within_1_points"] is None
+    assert t["lqnets_W2A2_within_4_points"] is None and t["lqnets_beats_dorefa_W2A2"] is None
+
+
+def test_rows_from_another_baseline_are_named_after_its_checkpoint() -> None:
+    from pathlib import Path
+
+    assert row_prefix(Path("bench/checkpoints/resnet20.safetensors")) == "resnet20"  # the recipe's baseline
+    assert row_prefix(Path("/x/resnet20-e80.safetensors")) == "resnet20-e80"
+    assert row_prefix(Path("bench/checkpoints/partial/resnet20.last.safetensors")) == "resnet20.last"
+    assert row_prefix(Path("/tmp/mine.safetensors")) == "resnet20(mine)"
