@@ -30,9 +30,11 @@ within 4 points, and QIL and LQ-Nets above DoReFa at W2A2. The LQ-Nets paper's R
 ``--progressive`` adds the QIL paper's procedure: W3A3 fine-tuned from the trained W4A4 model (intervals
 included) and W2A2 from that W3A3 model, each with the same budget (rows ``resnet20/qil_progressive/...``).
 
-Runs resume from ``$LOWBIT_RUNS/quant_multibit/ROW/`` (default ``~/.cache/lowbit/runs``); ``--fresh`` restarts
-them. Results: ``bench/results/quant_multibit.json`` and ``quant_multibit.png`` (accuracy per setting and
-method); ``--quick`` writes ``quant_multibit_quick.*`` instead and keeps its runs apart.
+Runs resume from ``$LOWBIT_RUNS/quant_multibit/ROW/BUDGET`` (default ``~/.cache/lowbit/runs``; BUDGET names the
+epochs, the learning rate and the float checkpoint's digest, so another baseline starts new runs); ``--fresh``
+restarts them. Rows record their budget; the table, the targets and the plot use the rows of the last run's.
+Results: ``bench/results/quant_multibit.json`` and ``quant_multibit.png`` (accuracy per setting and method);
+``--quick`` writes ``quant_multibit_quick.*`` instead and keeps its runs apart.
 """
 
 from __future__ import annotations
@@ -223,8 +225,17 @@ def plot(path: Path, rows: dict[str, dict[str, Any]], title: str) -> None:
     fig.savefig(path, format="png")
 
 
+def same_budget(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rows of the ``float_checkpoint`` row's budget (the last run's: epochs, learning rate and float
+    checkpoint): the results file keeps rows of earlier runs, which must not be compared with them."""
+    budget = rows.get("resnet20/float_checkpoint", {}).get("budget")
+    return {k: r for k, r in rows.items() if r.get("budget") == budget}
+
+
 def targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets, from the rows present (None where a row is missing)."""
+    """The issue's targets, from the rows present (None where a row is missing or has another budget than the
+    ``float_checkpoint`` row)."""
+    rows = same_budget(rows)
     fp = rows.get("resnet20/float_checkpoint", {}).get("test_acc_pct")
     acc = lambda m, s: rows.get(f"resnet20/{m}/{s}", {}).get("test_acc_pct")  # noqa: E731
     out: dict[str, Any] = {}
@@ -281,13 +292,14 @@ def main() -> None:
         name, root = "quant_multibit_quick", root / "quick"
         args.fresh = True  # a smoke run checks today's code: never resume one written by older code
     cfg = train_config(args)
-    budget = f"e{cfg.epochs:g}_lr{cfg.lr:g}"
+    base_id = load_checkpoint(args.checkpoint).meta["sha256"][:8]  # a new baseline never resumes an old run
+    budget = f"e{cfg.epochs:g}_lr{cfg.lr:g}_base{base_id}"
     results_path = RESULTS / f"{name}.json"
 
     rows: dict[str, dict[str, Any]] = {}
 
     def record(key: str, row: dict[str, Any]) -> None:
-        rows[key] = row
+        rows[key] = row = {**row, "budget": budget}  # epochs, learning rate and float checkpoint of the row
         write_results(name, {key: row})
 
     t0 = time.perf_counter()
@@ -328,7 +340,8 @@ def main() -> None:
 
     all_rows = json.loads(results_path.read_text())["results"]
     record("resnet20/targets", targets(all_rows))
-    all_rows = json.loads(results_path.read_text())["results"]
+    stored = json.loads(results_path.read_text())["results"]
+    all_rows = same_budget(stored)
     length = f"{QUICK_STEPS} steps" if args.quick else f"{cfg.epochs:g} epochs"
     print(f"\nResNet-20, CIFAR-10, {length} from the float checkpoint ({fp:.2f}%)"
           + (" -- QUICK: a smoke run on a subset, not a result" if args.quick else ""))
@@ -342,6 +355,9 @@ def main() -> None:
         mins = f"{r['train_minutes']:.1f}" if "train_minutes" in r else "-"
         print(f"{key:34s} {r['test_acc_pct']:10.2f} {delta:>9s} {paper:>6s} {sps:>7s} {mins:>8s}")
     print("targets:", json.dumps(all_rows["resnet20/targets"]))
+    if len(all_rows) < len(stored):
+        print(f"({len(stored) - len(all_rows)} rows of {results_path.name} have another budget than {budget} and are "
+              "left out of this table, the targets and the plot)")
     png = RESULTS / f"{name}.png"
     plot(png, all_rows, f"ResNet-20 / CIFAR-10, {length} of QAT from float"
          + (" (QUICK smoke run)" if args.quick else ""))
