@@ -5,11 +5,11 @@
     python -m bench.distill --teacher resnet56   # train a ResNet-56 teacher here first (resumable)
     python -m bench.distill --quick              # a few minutes: 2,000 training images, 1-2 epochs per row
 
-Teacher: the ResNet-20 baseline (bench/checkpoints/resnet20.safetensors, from bench.train_baselines) by
-default, or a ResNet-32/56 trained here with ``--teacher resnet32|resnet56`` (baseline recipe, ``--teacher-epochs``).
-Student: ResNet-8, the paper's student: lowbit's CIFAR ResNet with depth 8 (``resnet8`` in the zoo, one basic
-block per stage), same stage widths 16/32/64 as
-every teacher, so the FSP matrices pair stage by stage.
+Teacher: the ResNet-20 baseline (bench/checkpoints/resnet20.safetensors, from bench.train_baselines, or another
+one with ``--teacher-checkpoint``) by default, or a ResNet-32/56 trained here with ``--teacher resnet32|resnet56``
+(baseline recipe, ``--teacher-epochs``). Student: ResNet-8, the paper's student: lowbit's CIFAR ResNet with depth 8
+(``resnet8`` in the zoo, one basic block per stage), same stage widths 16/32/64 as every teacher, so the FSP
+matrices pair stage by stage.
 
 (a) FSP, all at the same budget of ``--epochs`` training epochs (default 30):
     * ``fsp/resnet8_alone``: the student on the labels alone (cross-entropy);
@@ -101,9 +101,11 @@ def _teacher(args: argparse.Namespace, data: Dataset, root: Path) -> tuple[nn.Mo
         cfg = TEACHER_CFG.model_copy(update={"epochs": args.teacher_epochs})
         fit(model, data, cfg, root / f"teacher_{args.teacher}", resume=True)
         return model.eval(), args.teacher
-    final = CHECKPOINTS / "resnet20.safetensors"
+    final = Path(args.teacher_checkpoint)
     if final.exists():
-        return load_model(final)[0].eval(), "resnet20 (baseline)"
+        return load_model(final)[0].eval(), f"{final.name.removesuffix('.safetensors')} (baseline)"
+    if final != CHECKPOINTS / "resnet20.safetensors":
+        raise SystemExit(f"--teacher-checkpoint {final} does not exist")
     partial = CHECKPOINTS / "partial" / "resnet20.last.safetensors"
     if args.quick and partial.exists():
         print(f"note: {final} does not exist yet; --quick uses the unfinished snapshot {partial}")
@@ -237,6 +239,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["all", "fsp", "quant"], default="all")
     ap.add_argument("--teacher", choices=["baseline", "resnet32", "resnet56"], default="baseline")
+    ap.add_argument("--teacher-checkpoint", type=Path, default=CHECKPOINTS / "resnet20.safetensors",
+                    help="the baseline teacher's weights (--teacher baseline), e.g. bench/checkpoints/resnet20-e80"
+                         ".safetensors")
     ap.add_argument("--teacher-epochs", type=float, default=30, help="when training a teacher here")
     ap.add_argument("--epochs", type=float, default=30, help="(a) training epochs of every student")
     ap.add_argument("--fsp-epochs", type=float, default=5, help="(a) of which FSP stage 1")
