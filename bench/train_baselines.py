@@ -15,6 +15,11 @@ its weights differ. ``--epochs E`` overrides the recipe's length; such a run is 
 ``NAME-eE`` everywhere (run directory, snapshot, checkpoint, results row), so the recipe's baseline and
 everything measured from it stay as they are.
 
+``--restart-from ROW --epochs E [--lr LR]`` is a warm restart (Loshchilov & Hutter's SGDR): a new cosine cycle of
+E epochs, peak ``LR`` (default the recipe's), that starts from the finished baseline ROW's committed weights instead
+of a fresh initialization. It is named ``ROW-rE`` (e.g. ``resnet20-e80-r40``); its row counts the epochs of both
+cycles, and its curve continues ROW's.
+
 Targets (issue #2): LeNet-300-100 >= 98.2%, LeNet-5 >= 99.1% on MNIST; ResNet-20 >= 89.0% on the
 JPEG copy of CIFAR-10 (the paper: 91.25% on the lossless set with 64k iterations = 164 epochs).
 """
@@ -32,6 +37,7 @@ from bench._common import CHECKPOINTS, RESULTS, data_dir, runs_dir, write_result
 from lowbit.data import load_dataset
 from lowbit.models import create_model, model_entry
 from lowbit.train import TrainConfig, fit, load_checkpoint
+from lowbit.train.checkpoint import load_state_into
 
 # Budgets chosen for a 2-core CPU: MNIST nets in minutes, ResNet-20 in about 1.5 hours.
 RECIPES: dict[str, TrainConfig] = {
@@ -48,21 +54,41 @@ def main() -> None:
     ap.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {list(RECIPES)} (default: all)")
     ap.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs (the run, checkpoint "
                     "and results row are then named NAME-eEPOCHS)")
+    ap.add_argument("--restart-from", metavar="ROW", default=None, help="start from the finished baseline ROW "
+                    "of baselines.json (e.g. resnet20-e80) for a new cosine cycle of --epochs (a warm restart)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of a --restart-from cycle "
+                    "(default: the recipe's)")
     ap.add_argument("--snapshot", action="store_true", help="only copy unfinished runs' last checkpoints into "
                     "bench/checkpoints/partial/ (to commit them), then stop")
     args = ap.parse_args()
     unknown = set(args.models) - set(RECIPES)
     if unknown:
         ap.error(f"no baseline recipe for {sorted(unknown)}; choose from {list(RECIPES)}")
+    parent = None
+    if args.restart_from is not None:
+        try:
+            parent = restart_parent(args.restart_from, args.epochs)
+        except ValueError as e:
+            ap.error(str(e))
+        if args.models not in ([], [parent["arch"]]):
+            ap.error(f"--restart-from {args.restart_from} trains {parent['arch']}, not {args.models}")
+        args.models = [parent["arch"]]
+    elif args.lr is not None:
+        ap.error("--lr only sets the peak of a --restart-from cycle; a baseline's recipe fixes its own")
     rows = {}
     for name in args.models or list(RECIPES):
         cfg, arch = RECIPES[name], name
-        if args.epochs is not None and args.epochs != cfg.epochs:
+        if parent is not None:
+            cfg = TrainConfig.model_validate({**cfg.model_dump(), "epochs": args.epochs, "lr": args.lr or cfg.lr})
+            name = f"{args.restart_from}-r{args.epochs:g}"
+        elif args.epochs is not None and args.epochs != cfg.epochs:
             cfg = TrainConfig.model_validate({**cfg.model_dump(), "epochs": args.epochs})  # validated: epochs > 0
             name = f"{arch}-e{args.epochs:g}"
         data = load_dataset(model_entry(arch).dataset, data_dir())
         torch.manual_seed(cfg.seed)  # the initialization is part of the recipe
         model = create_model(arch)
+        if parent is not None:  # fit() resuming a started restart replaces these weights with its own
+            load_state_into(model, load_checkpoint(parent["path"]).group("model"), str(parent["path"]))
         run = runs_dir() / "baselines" / name
         partial = CHECKPOINTS / "partial" / f"{name}.last.safetensors"
         if args.snapshot:
@@ -78,18 +104,43 @@ def main() -> None:
         CHECKPOINTS.mkdir(parents=True, exist_ok=True)
         publish(run / "model.safetensors", CHECKPOINTS / f"{name}.safetensors")
         partial.unlink(missing_ok=True)  # finished: the snapshot has served
+        before = parent["epochs"] if parent else 0  # epochs of the cycle this run restarts from
         rows[name] = {
             "dataset": data.name, "test_acc_pct": round(res.final["test_acc"], 2),
             "target_acc_pct": TARGET_ACC[arch], "meets_target": res.final["test_acc"] >= TARGET_ACC[arch],
-            "epochs": cfg.epochs, "params": sum(p.numel() for p in model.parameters()),
+            "epochs": before + cfg.epochs, "params": sum(p.numel() for p in model.parameters()),
             "train": cfg.model_dump(mode="json"), "checkpoint": f"bench/checkpoints/{name}.safetensors",
             "minutes": round(sum(h["epoch_seconds"] for h in res.history) / 60, 1),
-            "test_acc_by_epoch": [[h["epoch"], round(h["test_acc"], 2)] for h in res.history if "test_acc" in h],
+            "test_acc_by_epoch": [[before + min(h["epoch"], cfg.epochs), round(h["test_acc"], 2)]
+                                  for h in res.history if "test_acc" in h],
         }
+        if parent is not None:
+            rows[name]["restart_of"] = {"row": args.restart_from, "epochs": before,
+                                        "test_acc_pct": parent["test_acc_pct"], "checkpoint": parent["checkpoint"]}
         print(f"{name:14s} {data.name:8s} test acc {res.final['test_acc']:.2f}% (target {TARGET_ACC[arch]}%)")
         write_results("baselines", {name: rows[name]})
     if rows:
         plot()
+
+
+def restart_parent(row: str, epochs: float | None) -> dict:
+    """The finished baseline ``row`` of baselines.json that a warm restart of ``epochs`` starts from: its
+    architecture, epochs, accuracy and committed checkpoint; ValueError saying what is missing."""
+    if epochs is None:
+        raise ValueError("--restart-from needs --epochs, the length of the new cycle")
+    path = RESULTS / "baselines.json"
+    rows = json.loads(path.read_text())["results"] if path.exists() else {}
+    rows = {k: v for k, v in rows.items() if "checkpoint" in v}  # finished runs
+    if row not in rows:
+        raise ValueError(f"--restart-from {row!r}: no such finished baseline in {path}; choose from {sorted(rows)}")
+    arch = row.split("-")[0]
+    if arch not in RECIPES:
+        raise ValueError(f"--restart-from {row!r}: {arch!r} has no baseline recipe; choose from {list(RECIPES)}")
+    path = CHECKPOINTS.parent.parent / rows[row]["checkpoint"]  # stored relative to the repository
+    if not path.is_file():
+        raise ValueError(f"--restart-from {row!r}: its checkpoint {path} is missing")
+    return {"arch": arch, "epochs": rows[row]["epochs"], "test_acc_pct": rows[row]["test_acc_pct"],
+            "checkpoint": rows[row]["checkpoint"], "path": path}
 
 
 def publish(model_file: Path, dest: Path) -> bool:
@@ -120,10 +171,13 @@ def plot() -> None:
         for name, v in curves.items():
             if v["dataset"] != ds:
                 continue
-            ep, acc = zip(*v["test_acc_by_epoch"], strict=True)  # x: the share of the schedule, so that
+            points = v["test_acc_by_epoch"]
+            if v.get("restart_of", {}).get("row") in curves:  # a warm restart continues its first cycle's curve
+                points = curves[v["restart_of"]["row"]]["test_acc_by_epoch"] + points
+            ep, acc = zip(*points, strict=True)  # x: the share of the schedule, so that
             ax.plot([e / v["epochs"] for e in ep], acc, label=f"{name} ({v['epochs']:g} epochs): "  # cosine runs
                     f"{v['test_acc_pct']:.2f}%")  # of different lengths line up
-            targets.setdefault(v["target_acc_pct"], []).append(name.split("-e")[0])
+            targets.setdefault(v["target_acc_pct"], []).append(name.split("-")[0])
         for t, names in targets.items():
             ax.axhline(t, color="black", linestyle="--", linewidth=0.8)
             ax.text(1.0, t, f"target {'/'.join(sorted(set(names)))} {t:g}%", ha="right", va="bottom",
