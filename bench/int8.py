@@ -56,6 +56,7 @@ from bench._common import CHECKPOINTS, RESULTS, data_dir, runs_dir, write_result
 from lowbit.data import load_dataset
 from lowbit.export import export
 from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report
+from lowbit.export.profile import profile_onnx
 from lowbit.graph import Int8Config, QATSchedule, calibrate, convert, prepare_ptq, prepare_qat
 from lowbit.graph.lower import output_qparams
 from lowbit.models import create_model
@@ -295,6 +296,12 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
     if not random_weights and "qat_test_acc_pct" in row:
         row["qat_beats_ort_ptq"] = row["qat_test_acc_pct"] > max(
             r["test_acc_pct"] for k, r in rows.items() if k.startswith(name))
+    # where the time goes at batch 64 (onnxruntime's profiler): the op types of both files, the dearest int8 nodes
+    for key, path in (("int8", best_path), ("fp32", fp32)):
+        prof = profile_onnx(path, batch=64, threads=args.threads, runs=10, warmup=3)
+        row[f"profile_b64_{key}"] = {"kernel_ms": prof["kernel_ms"], "by_op": {
+            op: {"count": o["count"], "share_pct": o["share_pct"]} for op, o in list(prof["by_op"].items())[:6]},
+            "dearest_nodes": [[r["name"], r["op"], r["share_pct"]] for r in prof["nodes"][:3]]}
     row["threads"] = args.threads
     row["bench_seconds"] = round(time.perf_counter() - t0, 1)
     return {name: row, **rows}
@@ -392,6 +399,9 @@ def _print(name: str, rows: dict[str, dict[str, Any]]) -> None:
         if k != name:
             print(f"  {k.split('/')[1]:<34}{v['latency_ms_b1']:>10.3f}{v['latency_ms_b64']:>10.2f}   acc "
                   f"{v['test_acc_pct']}%, float convs left {v['float_convs_left']}")
+    if "profile_b64_int8" in r:
+        print("  the dearest int8 nodes at b64 (onnxruntime's profiler): " + ", ".join(
+            f"{n} ({op}) {share:.1f}%" for n, op, share in r["profile_b64_int8"]["dearest_nodes"]))
 
 
 if __name__ == "__main__":

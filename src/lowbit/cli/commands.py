@@ -188,7 +188,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         elif args.speed_batch:
             sp = keep_float_if_slower(path, float_model, example, batch=args.speed_batch, threads=args.threads)
             verdict = ("kept int8" if sp["kept"] == "int8" else
-                       f"int8 is slower here: wrote the FLOAT model to {path} instead ({path.stat().st_size:,} bytes)")
+                       f"int8 is slower here: wrote the FLOAT model to {path} instead ({path.stat().st_size:,} bytes); "
+                       "--speed-batch 0 keeps the int8 file, and `lowbit profile` shows where its time goes")
             print(f"onnxruntime at batch {sp['batch']}, {sp['threads']} thread(s): int8 {sp['int8_ms']:.3f} ms, "
                   f"float {sp['float_ms']:.3f} ms ({sp['speedup']:.2f}x): {verdict}")
 
@@ -209,6 +210,22 @@ def cmd_lower(args: argparse.Namespace) -> None:
         mods = dict(lowered.named_modules())
         ops = Counter(type(mods[n.target]).__name__ for n in lowered.graph.nodes if n.op == "call_module")
         print(f"{title}: " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())) + " (--print shows the graph)")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    import json
+
+    from lowbit.export.profile import format_profile, profile_onnx
+
+    profiles = [profile_onnx(f, batch=args.batch, threads=args.threads, runs=args.runs, level=args.level)
+                for f in args.files]
+    if args.json:
+        print(json.dumps(profiles, indent=1))
+        return
+    print("\n\n".join(format_profile(p, top=args.top) for p in profiles))
+    if len(profiles) > 1:  # profiled one after the other: not a fair race (lowbit.timing's rule)
+        print("\n(the files were timed one after the other; for a speed ratio, time them side by side: "
+              "`lowbit export --speed-batch B` for int8 against float)")
 
 
 def _load_file(path: str) -> tuple[Any, dict[str, Any]]:
@@ -351,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     for flags, kw in int8_opts:
         p.add_argument(*flags, **kw)
     p.set_defaults(fn=cmd_lower)
+
+    p = sub.add_parser("profile", help="where onnxruntime spends the time of ONNX files, per op type and node")
+    p.add_argument("files", nargs="+", metavar="FILE.onnx", help="e.g. a float and an int8 export of one model")
+    p.add_argument("--batch", type=int, default=1, help="batch of the random inputs (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=20, help="profiled runs; each node's median is kept (default 20)")
+    p.add_argument("--level", choices=["basic", "extended", "all"], default="all",
+                   help="onnxruntime graph optimization level (default all)")
+    p.add_argument("--top", type=int, default=10, help="how many of the dearest nodes to list (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(fn=cmd_profile)
     return ap
 
 
