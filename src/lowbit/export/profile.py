@@ -6,12 +6,13 @@
 
 An int8 file can be slower than its float twin although every convolution runs on an integer kernel (LeNet-5 at
 batch 64 on an AVX2 CPU: its first convolution has one input channel, and its ``QLinearConv`` takes 45% of the int8
-run, 3.7x the float NCHWc convolution). The total says *that* it lost; this says *where*. The profile is
+run, 4.7x the time of the float NCHWc convolution). The total says *that* it lost; this says *where*. The profile is
 onnxruntime's (``SessionOptions.enable_profiling``): a ``*_kernel_time`` event per node and run, of which this
 keeps the median over ``runs`` runs after ``warmup`` untimed ones. A run's wall time is measured apart, in a
-session without the profiler (which slowed an int8 ResNet-20 by a third); the kernels' sum is less than it by
-onnxruntime's own work between kernels. Each node is marked ``integer``, ``float`` (a
-float convolution or matrix product: the expensive kind) or ``other`` (pooling, layout changes, (de)quantization).
+session without the profiler (which slowed an int8 ResNet-20 by a third). Between kernels onnxruntime does work
+of its own, but the two numbers come from two sessions, so on a noisy machine the kernels' sum can exceed it.
+Each node is marked ``integer``, ``float`` (a float convolution or matrix product: the expensive kind) or
+``other`` (pooling, layout changes, (de)quantization).
 """
 
 from __future__ import annotations
