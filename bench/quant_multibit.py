@@ -5,6 +5,7 @@
     python -m bench.quant_multibit --progressive                    # also QIL 4 -> 3 -> 2 bits (the paper's way)
     python -m bench.quant_multibit --quick                          # smoke run: 20 steps on a subset, not a result
     python -m bench.quant_multibit --time-steps 5                   # QAT vs float step cost, full-run estimate
+    python -m bench.quant_multibit --bits W2A2 --epochs 10 --results quant_multibit_w2a2_e10  # its own table
 
 Cost: a QAT step measured 1.1-1.9x a float step on 2 cores (LQ-Nets W3A3/W4A4 the dearest, W2A32 rows the
 cheapest), so the default run (12 quantized rows + float, 10 epochs each, a float epoch ~3 min) takes about
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -267,7 +269,13 @@ def main() -> None:
                     help="a float ResNet-20 epoch on this machine (for --time-steps' estimate)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--fresh", action="store_true", help="discard saved runs of the same rows and restart them")
+    ap.add_argument("--results", default="quant_multibit", metavar="NAME",
+                    help="write bench/results/NAME.json and NAME.png (default quant_multibit): another budget's table "
+                         "beside the main one, e.g. --bits W2A2 --epochs 10 --results quant_multibit_w2a2_e10")
     args = ap.parse_args()
+    if not re.fullmatch(r"quant_multibit[a-z0-9_]*", args.results) or args.results.endswith("_quick"):
+        ap.error(f"--results {args.results!r}: a name quant_multibit[_a-z0-9]* (letters, digits, underscores; not "
+                 "ending in _quick, which --quick uses)")
     if not args.checkpoint.is_file():
         ap.error(f"no float checkpoint at {args.checkpoint}: train it with `python -m bench.train_baselines resnet20` "
                  "or pass --checkpoint PATH")
@@ -285,7 +293,7 @@ def main() -> None:
               f"{args.float_epoch_minutes:g} min per float epoch")
         return
     data = load_dataset("cifar10", data_dir())
-    name, root = "quant_multibit", runs_dir() / "quant_multibit"
+    name, root = args.results, runs_dir() / "quant_multibit"  # runs are keyed by budget: tables share them
     if args.quick:
         data = subset(data, QUICK_TRAIN, QUICK_TEST)
         args.epochs = QUICK_STEPS * 128 / QUICK_TRAIN
