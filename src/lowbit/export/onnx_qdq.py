@@ -389,6 +389,23 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def session_options(level: str = "all", threads: int = 1) -> Any:
+    """onnxruntime ``SessionOptions`` with the graph optimization ``level`` pinned ("basic", "extended" or "all"),
+    ``threads`` intra-op threads, one inter-op thread and warnings silenced (level "all" warns when it saves the
+    optimized graph); ValueError for an unknown level."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if level not in levels:
+        raise ValueError(f"level must be one of {sorted(levels)}, got {level!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[level]
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    return so
+
+
 def integer_kernel_report(path: str | os.PathLike[str], level: str = "extended", threads: int = 1) -> dict[str, Any]:
     """Which compute operations of an ONNX file onnxruntime runs as integer kernels, after its optimizer.
 
@@ -405,18 +422,10 @@ def integer_kernel_report(path: str | os.PathLike[str], level: str = "extended",
     """
     import onnxruntime as ort
 
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if level not in levels:
-        raise ValueError(f"level must be one of {sorted(levels)}, got {level!r}")
+    so = session_options(level, threads)
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = levels[level]
         so.optimized_model_filepath = str(opt)
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3  # the level-"all" serialization warning is expected
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         graph = onnx.load(str(opt)).graph
     ops = Counter(n.op_type for n in graph.node)

@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.export.onnx_qdq import FLOAT_COMPUTE_OPS, INTEGER_COMPUTE_OPS
+from lowbit.export.onnx_qdq import FLOAT_COMPUTE_OPS, INTEGER_COMPUTE_OPS, session_options
 
 __all__ = ["profile_onnx", "format_profile"]
 
-_LEVELS = ("basic", "extended", "all")
 _INPUT_TYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
@@ -60,18 +59,12 @@ def profile_onnx(path: str | os.PathLike[str], batch: int = 1, threads: int = 1,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such ONNX file")
-    if level not in _LEVELS:
-        raise ValueError(f"level must be one of {list(_LEVELS)}, got {level!r}")
     for key, value in (("batch", batch), ("threads", threads), ("runs", runs)):
         if value < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    so = session_options(level, threads)  # ValueError for an unknown level
     try:
         session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for a file it cannot load
