@@ -55,7 +55,7 @@ from torch import nn
 from bench._common import CHECKPOINTS, RESULTS, data_dir, runs_dir, write_results
 from lowbit.data import load_dataset
 from lowbit.export import export
-from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report
+from lowbit.export.onnx_qdq import cpu_has_vnni, integer_kernel_report, session_options
 from lowbit.export.profile import profile_onnx
 from lowbit.graph import Int8Config, QATSchedule, calibrate, convert, prepare_ptq, prepare_qat
 from lowbit.graph.lower import output_qparams
@@ -74,13 +74,7 @@ DATASET = {"lenet5": "mnist", "resnet20": "cifar10", "mobilenet_v2": "cifar10"}
 def session(path: Path, threads: int, level: str = "all") -> Any:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(level, threads), providers=["CPUExecutionProvider"])
 
 
 def ort_predict(sess: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
