@@ -5,15 +5,13 @@
     python -m bench.train_baselines resnet20 --epochs 80   # a longer run, kept beside the recipe's (resnet20-e80)
 
 Each run checkpoints under ``$LOWBIT_RUNS`` (default ``~/.cache/lowbit/runs``) and resumes when
-started again. ``--snapshot`` copies an unfinished run's last checkpoint to
-``bench/checkpoints/partial/NAME.last.safetensors`` so that it can be committed and resumed on another
-machine: a run directory without a checkpoint starts from that snapshot when one exists. Final weights
-go to ``bench/checkpoints/NAME.safetensors`` (committed) and the test accuracies (final and per epoch) to
-``bench/results/baselines.json``, drawn against the targets in ``baselines.png``. Starting a finished run
-again only re-reads it (seconds) and brings its row up to date; the committed checkpoint is rewritten only if
-its weights differ. ``--epochs E`` overrides the recipe's length; such a run is a different model, named
-``NAME-eE`` everywhere (run directory, snapshot, checkpoint, results row), so the recipe's baseline and
-everything measured from it stay as they are.
+started again; ``python -m bench.snapshot save baselines`` / ``restore`` carry unfinished runs to another
+machine through git. Final weights go to ``bench/checkpoints/NAME.safetensors`` (committed) and the test
+accuracies (final and per epoch) to ``bench/results/baselines.json``, drawn against the targets in
+``baselines.png``. Starting a finished run again only re-reads it (seconds) and brings its row up to date; the
+committed checkpoint is rewritten only if its weights differ. ``--epochs E`` overrides the recipe's length; such
+a run is a different model, named ``NAME-eE`` everywhere (run directory, checkpoint, results row), so the recipe's
+baseline and everything measured from it stay as they are.
 
 ``--restart-from ROW --epochs E [--lr LR]`` is a warm restart (Loshchilov & Hutter's SGDR): a new cosine cycle of
 E epochs, peak ``LR`` (default the recipe's), that starts from the finished baseline ROW's committed weights instead
@@ -58,8 +56,6 @@ def main() -> None:
                     "of baselines.json (e.g. resnet20-e80) for a new cosine cycle of --epochs (a warm restart)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of a --restart-from cycle "
                     "(default: the recipe's)")
-    ap.add_argument("--snapshot", action="store_true", help="only copy unfinished runs' last checkpoints into "
-                    "bench/checkpoints/partial/ (to commit them), then stop")
     args = ap.parse_args()
     unknown = set(args.models) - set(RECIPES)
     if unknown:
@@ -90,20 +86,9 @@ def main() -> None:
         if parent is not None:  # fit() resuming a started restart replaces these weights with its own
             load_state_into(model, load_checkpoint(parent["path"]).group("model"), str(parent["path"]))
         run = runs_dir() / "baselines" / name
-        partial = CHECKPOINTS / "partial" / f"{name}.last.safetensors"
-        if args.snapshot:
-            if (run / "last.safetensors").exists() and not (run / "model.safetensors").exists():
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(run / "last.safetensors", partial)
-                print(f"{name}: unfinished run copied to {partial}")
-            continue
-        if partial.exists() and not (run / "last.safetensors").exists():
-            run.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(partial, run / "last.safetensors")  # resume where another machine stopped
         res = fit(model, data, cfg, run_dir=run, resume=True)
         CHECKPOINTS.mkdir(parents=True, exist_ok=True)
         publish(run / "model.safetensors", CHECKPOINTS / f"{name}.safetensors")
-        partial.unlink(missing_ok=True)  # finished: the snapshot has served
         before = parent["epochs"] if parent else 0  # epochs of the cycle this run restarts from
         rows[name] = {
             "dataset": data.name, "test_acc_pct": round(res.final["test_acc"], 2),
