@@ -30,17 +30,20 @@ float requantization; ``--rounding gemmlowp`` measures the paper's double-roundi
 MobileNet v2 has no CIFAR baseline checkpoint: without ``--train-mobilenet`` its row has latency and size
 only, measured with random weights (stated in the row). Its CIFAR variant keeps 32x32 maps through the first
 expansions (88M MACs against ResNet-20's 41M): a training step measured 6.1x ResNet-20's at width 1.0 and about
-2x at ``--mobilenet-width 0.5`` (one thread), so 30 epochs at width 1.0 are about 11 hours on 2 cores.
+2x at ``--mobilenet-width 0.5`` (one thread), so 30 epochs at width 1.0 are about 11 hours on 2 cores. A width
+other than 1.0 is its own row, ``mobilenet_v2_wALPHA``.
 ResNet-20 needs ``--resnet20-checkpoint`` (default ``bench/checkpoints/resnet20.safetensors``); a missing file
 skips the model with a message.
 
-Writes ``bench/results/int8.json`` and ``int8.png`` (``int8_quick.*`` with ``--quick``).
+Writes ``bench/results/int8.json`` (rows of other models kept) and ``int8.png``, drawn from every row of the file
+(``int8_quick.*`` with ``--quick``); ``--replot`` only redraws the PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -170,10 +173,16 @@ def acc(pred: np.ndarray, y: np.ndarray) -> float:
     return round(100.0 * float((pred.argmax(1) == y).mean()), 2)
 
 
+def row_name(name: str, args: argparse.Namespace) -> str:
+    """The results row of model ``name``: a MobileNet v2 of another width is another model."""
+    return f"{name}_w{args.mobilenet_width:g}" if name == "mobilenet_v2" and args.mobilenet_width != 1 else name
+
+
 def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
     model, source = load_float(name, args)
     if model is None:
         return {}
+    key = row_name(name, args)
     random_weights = source.startswith("random")
     data = load_dataset(DATASET[name], data_dir())
     shape = tuple(data.input_shape)
@@ -261,7 +270,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
         path = ort_quantize_static(fp32, tmp / f"{name}_ort_{settings}.onnx", calib, settings)
         r = integer_kernel_report(path)
         files[f"ort_{settings}"] = path
-        rows[f"{name}/ort_quantize_static_{settings}"] = {
+        rows[f"{key}/ort_quantize_static_{settings}"] = {
             "settings": "onnxruntime defaults (QDQ, int8 activations, int8 weights, per tensor)"
             if settings == "default" else "QDQ, uint8 activations, int8 weights, per tensor",
             "float_convs_left": r["float"], "integer_kernels": r["integer"], "optimized_ops": r["ops"],
@@ -280,16 +289,16 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
         row[f"speedup_b{b}_int8_vs_ort_fp32"] = round(lat["ort_fp32"][b] / lat["lowbit_int8"][b], 2)
         row[f"speedup_b{b}_int8_vs_torch_fp32"] = round(lat["torch_fp32"][b] / lat["lowbit_int8"][b], 2)
         for settings in ("default", "u8s8_per_tensor"):
-            r = rows[f"{name}/ort_quantize_static_{settings}"]
+            r = rows[f"{key}/ort_quantize_static_{settings}"]
             r[f"latency_ms_b{b}"] = lat[f"ort_{settings}"][b]
             r[f"speedup_b{b}_vs_ort_fp32"] = round(lat["ort_fp32"][b] / lat[f"ort_{settings}"][b], 2)
     row["int8_slower_at_b1"] = row["speedup_b1_int8_vs_ort_fp32"] < 1.0
     row["meets_speed_target_b64"] = row["speedup_b64_int8_vs_ort_fp32"] >= TARGET_SPEEDUP_B64
-    best_ort = rows[f"{name}/ort_quantize_static_u8s8_per_tensor"]
+    best_ort = rows[f"{key}/ort_quantize_static_u8s8_per_tensor"]
     row["as_fast_as_ort_best_b64"] = lat["lowbit_int8"][64] <= best_ort["latency_ms_b64"] * 1.05
     if not random_weights and "qat_test_acc_pct" in row:
         row["qat_beats_ort_ptq"] = row["qat_test_acc_pct"] > max(
-            r["test_acc_pct"] for k, r in rows.items() if k.startswith(name))
+            r["test_acc_pct"] for r in rows.values())
     # where the time goes at batch 64 (onnxruntime's profiler): the op types of both files, the dearest int8 nodes
     for key, path in (("int8", best_path), ("fp32", fp32)):
         prof = profile_onnx(path, batch=64, threads=args.threads, runs=10, warmup=3)
@@ -298,7 +307,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
             "dearest_nodes": [[r["name"], r["op"], r["share_pct"]] for r in prof["nodes"][:3]]}
     row["threads"] = args.threads
     row["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    return {name: row, **rows}
+    return {key: row, **rows}
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -324,7 +333,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                     for m in models]
             ax.bar(np.arange(len(models)) + (3 + k) * width, vals, width, label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks(np.arange(len(models)) + 2 * width, models)
+        ax.set_xticks(np.arange(len(models)) + 2 * width, [
+            m + ("\n(random weights)" if results[m]["weights"].startswith("random") else "") for m in models])
         ax.set_ylabel("speed vs onnxruntime fp32 (x)")
         ax.set_title(f"batch {b}, {results[models[0]]['threads']} threads")
     axes[0].legend(fontsize=7)
@@ -354,6 +364,7 @@ def main() -> None:
     ap.add_argument("--match-images", type=int, default=None, help="images for the interpreter/ORT match")
     ap.add_argument("--runs", type=int, default=50, help="latency repetitions (median)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds per latency measurement at most")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the results file")
     args = ap.parse_args()
     names = args.models or ["lenet5", "resnet20", "mobilenet_v2"]
     out_name = "int8"
@@ -361,17 +372,24 @@ def main() -> None:
         names, out_name = ["lenet5"], "int8_quick"
         args.calib_batches, args.qat_epochs, args.limit = 8, 0.2, args.limit or 2000
         args.match_images, args.runs, args.budget = args.match_images or 1000, 20, 2.0
-    results: dict[str, dict[str, Any]] = {}
+    path = RESULTS / f"{out_name}.json"
+    if args.replot:
+        if not path.exists():
+            ap.error(f"--replot: no {path} to draw; run the benchmark first")
+        plot(json.loads(path.read_text())["results"], path.with_suffix(".png"))
+        print(f"redrew {path.with_suffix('.png')}")
+        return
+    measured = False
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             rows = run_model(name, args, Path(tmp))
             if rows:
-                results.update(rows)
+                measured = True
                 write_results(out_name, rows)
-                _print(name, rows)
-    if results:
-        plot(results, RESULTS / f"{out_name}.png")
-        print(f"wrote bench/results/{out_name}.json and {out_name}.png")
+                _print(row_name(name, args), rows)
+    if measured:  # every model of the file, also those measured by an earlier run
+        plot(json.loads(path.read_text())["results"], path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def _print(name: str, rows: dict[str, dict[str, Any]]) -> None:
