@@ -4,6 +4,7 @@
     python -m bench.int8 --models resnet20 --resnet20-checkpoint bench/checkpoints/resnet20.safetensors
     python -m bench.int8 --train-mobilenet 30    # train a MobileNet v2 CIFAR baseline first (hours on 2 cores)
     python -m bench.int8 --quick                 # LeNet-5 only, tiny budgets (a few minutes)
+    python -m bench.int8 --models resnet20 --rounding-study   # interpreter vs onnxruntime for each rounding
 
 Per model, all in one run, on the same machine and threads (``--threads``, default 2):
 
@@ -24,8 +25,12 @@ Per model, all in one run, on the same machine and threads (``--threads``, defau
 CPU note: on x86 without VNNI (AVX2 only, e.g. this project's AMD EPYC machines) onnxruntime's u8s8 kernels
 saturate int16 pair sums, so 8-bit weights give results that differ from the integer model; ``--weight-bits
 auto`` (default) then uses 7-bit weights ([-63, 63], onnxruntime's "reduce_range") and says so. Requantization
-rounding defaults to ``single`` (one rounding of the fixed-point product), which is what matches onnxruntime's
-float requantization; ``--rounding gemmlowp`` measures the paper's double-rounding arithmetic instead.
+rounding defaults to ``fp32``: lowbit's integers reproduce onnxruntime's float32 requantization (the float32
+multiplier ``fl(fl(S_in S_w) / S_out)``, the product rounded to float32, then to an integer, half to even) and
+the interpreter is bit-exact with it; ``single`` (one rounding of the exact fixed-point product) differs from it
+by one step where the float32 product lands on the other side of a half, and such steps add up through deep
+networks; ``--rounding gemmlowp`` is the paper's double-rounding arithmetic. ``--rounding-study`` lowers the
+QAT model with each of the three and compares the interpreter with onnxruntime (rows ``NAME/rounding_R``).
 
 MobileNet v2 has no CIFAR baseline checkpoint: without ``--train-mobilenet`` its row has latency and size
 only, measured with random weights (stated in the row). Its CIFAR variant keeps 32x32 maps through the first
@@ -42,6 +47,7 @@ Writes ``bench/results/int8.json`` (rows of other models kept) and ``int8.png``,
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -63,6 +69,7 @@ from lowbit.export.profile import profile_onnx
 from lowbit.graph import Int8Config, QATSchedule, calibrate, convert, prepare_ptq, prepare_qat
 from lowbit.graph.lower import output_qparams
 from lowbit.models import create_model
+from lowbit.quant.affine import ROUNDINGS
 from lowbit.runtime.integer import run_integer
 from lowbit.timing import interleaved_medians
 from lowbit.train import TrainConfig, fit, load_checkpoint, load_model
@@ -178,6 +185,59 @@ def row_name(name: str, args: argparse.Namespace) -> str:
     return f"{name}_w{args.mobilenet_width:g}" if name == "mobilenet_v2" and args.mobilenet_width != 1 else name
 
 
+def train_qat(name: str, model: nn.Module, source: str, data: Any, calib: list[np.ndarray], cfg: Int8Config,
+              args: argparse.Namespace) -> nn.Module:
+    """QAT of ``args.qat_epochs`` from the float ``model``; resumable, and a finished run is reused: its run
+    directory is keyed by everything that shapes the QAT model (not the rounding, which only lowering uses)."""
+    qat = prepare_qat(model, cfg)
+    calibrate(qat, [torch.from_numpy(c) for c in calib[:8]], min(8, len(calib)))
+    tcfg = TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128, weight_decay=args.qat_wd,
+                       channels_last=False, checkpoint_every=100)
+    steps = max(1, round(tcfg.epochs * math.ceil(len(data.train) / tcfg.batch_size)))
+    base = (load_checkpoint(source).meta["sha256"][:8] if Path(source).is_file()
+            else hashlib.sha256(source.encode()).hexdigest()[:8])  # a baseline trained here: its settings
+    run = (runs_dir() / "int8" / f"{name}_qat" / f"w{cfg.weight_bits}-{args.calibration}{len(calib)}-"
+           f"e{args.qat_epochs:g}-lr{args.qat_lr:g}-wd{args.qat_wd:g}-base{base}")
+    fit(qat, data, tcfg, run_dir=run, resume=True, callbacks=[QATSchedule(steps, 0.5, 0.75)])
+    return qat
+
+
+def ort_integers(sess: Any, x: np.ndarray, qp: Any) -> np.ndarray:
+    """onnxruntime's dequantized outputs for ``x`` back as the integers of the output's ``qp``."""
+    return np.rint(ort_predict(sess, x) / np.float32(qp.scale)).astype(np.int64) + qp.zero_point
+
+
+def rounding_study(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
+    """The QAT model lowered with every requantization rounding: the integer interpreter against onnxruntime
+    (pinned "extended") on the match images. The ONNX file is the same for all three; only lowbit's arithmetic
+    differs."""
+    model, source = load_float(name, args)
+    if model is None or source.startswith("random") or not args.qat_epochs:
+        raise SystemExit(f"--rounding-study {name}: needs trained weights and --qat-epochs > 0")
+    data = load_dataset(DATASET[name], data_dir())
+    x_test, y_test = test_arrays(data, args.limit)
+    n = len(x_test) if args.match_images is None else min(args.match_images, len(x_test))
+    loader = data.loader("train", 128, shuffle=True, augment=False, seed=0)
+    calib = [x.numpy() for _, x in zip(range(args.calib_batches), (b for b, _ in loader), strict=False)]
+    wbits = (8 if cpu_has_vnni() else 7) if args.weight_bits == "auto" else int(args.weight_bits)
+    rows = {}
+    for rounding in ROUNDINGS:
+        cfg = Int8Config(weight_bits=wbits, rounding=rounding, calibration=args.calibration)
+        gm = convert(train_qat(name, copy.deepcopy(model), source, data, calib, cfg, args))
+        path = export(gm, tmp / f"{name}_{rounding}.onnx", format="onnx-qdq", example=torch.zeros(1, *data.input_shape))
+        ints = run_integer(gm, x_test[:n], dequantize=False, batch_size=250).astype(np.int64)
+        ort_ints = ort_integers(session(path, args.threads, level="extended"), x_test[:n], output_qparams(gm)[0])
+        diff = np.abs(ort_ints - ints).max(1)
+        rows[f"{row_name(name, args)}/rounding_{rounding}"] = {
+            "weights": source, "rounding": rounding, "weight_bits": wbits, "match_images": n,
+            "ort_exact_pct": round(100.0 * float((diff == 0).mean()), 3),
+            "ort_within_1lsb_pct": round(100.0 * float((diff <= 1).mean()), 3),
+            "ort_argmax_same_pct": round(100.0 * float((ort_ints.argmax(1) == ints.argmax(1)).mean()), 3),
+            "ort_max_lsb_diff": int(diff.max()), "interp_test_acc_pct": acc(ints, y_test[:n])}
+        print(f"{name} rounding {rounding:8s}: {rows[f'{row_name(name, args)}/rounding_{rounding}']}")
+    return rows
+
+
 def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
     model, source = load_float(name, args)
     if model is None:
@@ -210,18 +270,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
     best_int, best_path, best = ptq_int, ptq_path, "ptq"
     # QAT
     if args.qat_epochs > 0 and not random_weights:
-        qat = prepare_qat(model, cfg)
-        calibrate(qat, [torch.from_numpy(c) for c in calib[:8]], min(8, len(calib)))
-        tcfg = TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, batch_size=128, weight_decay=args.qat_wd,
-                           channels_last=False, checkpoint_every=100)
-        steps = max(1, round(tcfg.epochs * math.ceil(len(data.train) / tcfg.batch_size)))
-        # resumable, and a finished run is reused: keyed by everything that shapes the QAT model
-        base = (load_checkpoint(source).meta["sha256"][:8] if Path(source).is_file()
-                else hashlib.sha256(source.encode()).hexdigest()[:8])  # a baseline trained here: its settings
-        run = (runs_dir() / "int8" / f"{name}_qat" / f"w{wbits}-{args.calibration}{len(calib)}-{args.rounding}-"
-               f"e{args.qat_epochs:g}-lr{args.qat_lr:g}-wd{args.qat_wd:g}-base{base}")
-        fit(qat, data, tcfg, run_dir=run, resume=True, callbacks=[QATSchedule(steps, 0.5, 0.75)])
-        qat_int = convert(qat)
+        qat_int = convert(train_qat(name, model, source, data, calib, cfg, args))
         qat_path = export(qat_int, tmp / f"{name}_qat.onnx", format="onnx-qdq", example=example)
         row["qat_test_acc_pct"] = acc(ort_predict(session(qat_path, args.threads), x_test), y_test)
         row["qat_epochs"] = args.qat_epochs
@@ -241,8 +290,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
     xm = x_test[:n_match]
     ints = run_integer(best_int, xm, dequantize=False, batch_size=250).astype(np.int64)
     qp = output_qparams(best_int)[0]
-    ort_out = ort_predict(session(best_path, args.threads, level="extended"), xm)
-    ort_ints = np.rint(ort_out / np.float32(qp.scale)).astype(np.int64) + qp.zero_point
+    ort_ints = ort_integers(session(best_path, args.threads, level="extended"), xm, qp)
     diff = np.abs(ort_ints - ints).max(1)
     row["match_images"] = n_match
     row["ort_within_1lsb_pct"] = round(100.0 * float((diff <= 1).mean()), 3)
@@ -358,13 +406,15 @@ def main() -> None:
     ap.add_argument("--qat-lr", type=float, default=0.005)
     ap.add_argument("--qat-wd", type=float, default=5e-4)
     ap.add_argument("--weight-bits", choices=["auto", "7", "8"], default="auto")
-    ap.add_argument("--rounding", choices=["single", "gemmlowp"], default="single")
+    ap.add_argument("--rounding", choices=list(ROUNDINGS), default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="test images (default: the whole test set)")
     ap.add_argument("--match-images", type=int, default=None, help="images for the interpreter/ORT match")
     ap.add_argument("--runs", type=int, default=50, help="latency repetitions (median)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds per latency measurement at most")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the results file")
+    ap.add_argument("--rounding-study", action="store_true", help="only lower the QAT model with each rounding "
+                    "and compare the integer interpreter with onnxruntime (rows NAME/rounding_R)")
     args = ap.parse_args()
     names = args.models or ["lenet5", "resnet20", "mobilenet_v2"]
     out_name = "int8"
@@ -382,11 +432,12 @@ def main() -> None:
     measured = False
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows = run_model(name, args, Path(tmp))
+            rows = (rounding_study if args.rounding_study else run_model)(name, args, Path(tmp))
             if rows:
                 measured = True
                 write_results(out_name, rows)
-                _print(row_name(name, args), rows)
+                if not args.rounding_study:
+                    _print(row_name(name, args), rows)
     if measured:  # every model of the file, also those measured by an earlier run
         plot(json.loads(path.read_text())["results"], path.with_suffix(".png"))
         print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -20,8 +20,9 @@ from lowbit.runtime.integer import run_integer
 ort = pytest.importorskip("onnxruntime")
 MODELS = small_models()
 # AVX2 machines without VNNI saturate u8 x s8 pair sums in int16: 7-bit weights keep onnxruntime exact;
-# one rounding of the requantization product is what onnxruntime's float requantization computes.
-MATCH = Int8Config(weight_bits=7, rounding="single")
+# "fp32" rounding is onnxruntime's float32 requantization, "single" (one rounding of the exact product) is
+# within a step of it.
+MATCH = Int8Config(weight_bits=7, rounding="fp32")
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -51,7 +52,7 @@ def test_every_conv_and_linear_runs_on_an_integer_kernel(name: str, tmp_path: Pa
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnxruntime_matches_the_integer_interpreter_within_one_step(name: str, tmp_path: Path) -> None:
     model, shape = MODELS[name]
-    _, q = int8(model, shape, MATCH)
+    _, q = int8(model, shape, MATCH.model_copy(update={"rounding": "single"}))
     x = torch.randn(32, *shape)
     path = export(q, tmp_path / "m.onnx", format="onnx-qdq", example=x[:1])
     got = _session(path).run(None, {"x": x.numpy()})[0]
@@ -60,6 +61,18 @@ def test_onnxruntime_matches_the_integer_interpreter_within_one_step(name: str, 
     ref = run_integer(q, x, dequantize=False).astype(np.int64)
     assert np.abs(ort_ints - ref).max() <= 1
     assert (ort_ints.argmax(1) == ref.argmax(1)).mean() >= 0.95  # ties of equal logits may pick either
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_onnxruntime_equals_the_integer_interpreter_with_float32_rounding(name: str, tmp_path: Path) -> None:
+    model, shape = MODELS[name]
+    _, q = int8(model, shape, MATCH)
+    x = 2.0 * torch.randn(64, *shape)  # wide inputs: large accumulators, many values near a rounding boundary
+    path = export(q, tmp_path / "m.onnx", format="onnx-qdq", example=x[:1])
+    got = _session(path).run(None, {"x": x.numpy()})[0]
+    qp = output_qparams(q)[0]
+    ort_ints = np.rint(got / np.float32(qp.scale)).astype(np.int64) + qp.zero_point
+    assert np.array_equal(ort_ints, run_integer(q, x, dequantize=False).astype(np.int64))
 
 
 def test_weights_are_stored_as_int8(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def _round_half_away(q: Fraction) -> int:
     return int(math.floor(abs(q) + Fraction(1, 2))) * (1 if q >= 0 else -1)
 
 
-@pytest.mark.parametrize("rounding", ["gemmlowp", "single"])
+@pytest.mark.parametrize("rounding", ["gemmlowp", "single", "fp32"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_interpreter_is_bit_exact_with_the_integer_mode_model(name: str, rounding: str) -> None:
     model, shape = MODELS[name]
@@ -58,16 +58,33 @@ def test_numpy_fixed_point_equals_torch_and_exact_reference() -> None:
         assert rt.multiply_by_quantized_multiplier(small[:200], m0, n, "single").tolist() == exact
 
 
+def test_fp32_rounding_equals_float32_arithmetic_in_torch_numpy_and_the_compiled_kernel() -> None:
+    rng = np.random.default_rng(3)
+    acc = np.concatenate([rng.integers(-(2**31), 2**31 - 1, 5000), rng.integers(-(2**25), 2**25, 5000),
+                          rng.integers(-3000, 3000, 5000), [0, 1, -1, 2**31 - 1, -(2**31), 2**24 + 1, -(2**24) - 3]])
+    mults = np.float32([0.7, 0.0123, 3.0e-6, 1.75, 200.0, 2.0**-30, 1 / 3])
+    mults = np.append(mults, np.float32(0.1) * np.float32(0.02) / np.float32(0.3))
+    for m in mults:
+        m0, n = affine.float32_multiplier(m)
+        assert m0 < 2**24 and m0 * 2.0 ** -int(n) == float(m)  # the float32 value exactly
+        # IEEE float32: acc rounded to float32, the product rounded to float32, then to an integer (half to even)
+        ref = np.rint(np.float64(acc.astype(np.float32) * m)).clip(-(2**31), 2**31 - 1).astype(np.int64)
+        assert np.array_equal(rt.multiply_by_quantized_multiplier(acc, m0, n, "fp32"), ref), m
+        assert np.array_equal(affine.multiply_by_quantized_multiplier(torch.tensor(acc), m0, n, "fp32").numpy(), ref)
+        kernel = rt._requant_kernel(acc.astype(np.int32).reshape(1, 1, -1), np.zeros(1, np.int64), np.array([m0]),
+                                    np.array([n]), 0, -(2**31), 2**31 - 1, rt._MODE["fp32"])
+        assert np.array_equal(kernel.reshape(-1), ref)
+
+
 def test_compiled_requantization_kernel_equals_numpy_functions() -> None:
     rng = np.random.default_rng(1)
     acc = rng.integers(-(2**24), 2**24, (3, 4, 50)).astype(np.int32)
     bias = rng.integers(-(2**20), 2**20, 4).astype(np.int64)
     m0, n = affine.quantize_multiplier(np.array([0.002, 0.7, 1.3, 1e-5]))
-    for single in (False, True):
-        got = rt._requant_kernel(acc, bias, m0.astype(np.int64), n.astype(np.int64), 7, 0, 255, single)
+    for rounding in ("gemmlowp", "single"):
+        got = rt._requant_kernel(acc, bias, m0.astype(np.int64), n.astype(np.int64), 7, 0, 255, rt._MODE[rounding])
         ref = np.clip(rt.multiply_by_quantized_multiplier(acc.astype(np.int64) + bias[None, :, None],
-                                                          m0[None, :, None], n[None, :, None],
-                                                          "single" if single else "gemmlowp") + 7, 0, 255)
+                                                          m0[None, :, None], n[None, :, None], rounding) + 7, 0, 255)
         assert np.array_equal(got, ref)
 
 

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         (("--calibration",), dict(choices=["minmax", "percentile", "mse"], default="minmax")),
         (("--weight-bits",), dict(type=int, choices=[8, 7], default=8,
                                   help="7: weights in [-63, 63] for AVX2 CPUs without VNNI (no int16 saturation)")),
-        (("--rounding",), dict(choices=["gemmlowp", "single"], default="gemmlowp")),
+        (("--rounding",), dict(choices=["gemmlowp", "single", "fp32"], default="gemmlowp")),
         (("--input-shape",), dict(type=_shape, metavar="C,H,W", help="default: the model's registered input")),
         (("--data-dir",), data_dir),
     )

@@ -74,9 +74,10 @@ class Int8Config(BaseModel):
         "minmax", description="activation range observer of post-training calibration")
     percentile: float = Field(99.99, gt=50, le=100, description="for calibration: percentile")
     ema_momentum: float = Field(0.01, gt=0, le=1, description="QAT: EMA momentum of the activation ranges")
-    rounding: Literal["gemmlowp", "single"] = Field(
+    rounding: Literal["gemmlowp", "single", "fp32"] = Field(
         "gemmlowp", description="requantization: gemmlowp's doubling high multiply + rounding shift (the paper; "
-                                "rounds twice) or one rounding of the 64-bit product (closer to float runtimes)")
+                                "rounds twice), one rounding of the 64-bit product (closer to float runtimes), or "
+                                "fp32: float32's roundings in integers (bit-exact with onnxruntime's kernels)")
 
     def weight_spec(self) -> dict[str, Any]:
         return {"name": "int8_weight", "bits": self.weight_bits, "per_channel": self.per_channel}

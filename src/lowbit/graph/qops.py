@@ -16,7 +16,9 @@ the sum, as gemmlowp/TFLite do (inputs shifted left by 20 bits, each multiplied 
 the sum by ``2 max S / (2^20 S_out)``), so two tensors of different scales add without floats.
 
 Every requantizing op has a ``rounding``: ``"gemmlowp"`` (the paper's SaturatingRoundingDoublingHighMul +
-RoundingDivideByPOT) or ``"single"`` (one rounding of the 64-bit product); see
+RoundingDivideByPOT), ``"single"`` (one rounding of the 64-bit product) or ``"fp32"``: convolutions and linear
+layers requantize as float32 does, with the float32 multiplier ``fl(fl(S_in S_w) / S_out)`` that onnxruntime
+computes (bit-exact with its QLinearConv / QGemm), the other ops as ``"single"``; see
 :func:`lowbit.quant.affine.multiply_by_quantized_multiplier`.
 
 References:
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.quant.affine import ROUNDINGS, multiply_by_quantized_multiplier, quantize_multiplier
+from lowbit.quant.affine import ROUNDINGS, float32_multiplier, multiply_by_quantized_multiplier, quantize_multiplier
 
 __all__ = [
     "QParams", "Quantize", "Dequantize", "Requantize", "QConv2d", "QLinear", "QAdd", "QGlobalAvgPool",
@@ -79,10 +81,11 @@ class QParams:
         return f"{kind}(s={self.scale:.4g}, z={self.zero_point})"
 
 
-def _check_rounding(rounding: str) -> str:
+def _check_rounding(rounding: str, weighted: bool = False) -> str:
+    """The rounding an op computes with: ``"fp32"`` is float32's only for convolutions and linear layers."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return rounding
+    return "single" if rounding == "fp32" and not weighted else rounding
 
 
 def _mult(m: np.ndarray | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +160,7 @@ class _QWeighted(nn.Module):
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, inp: QParams, out: QParams,
                  act_min: int, act_max: int, rounding: str = "gemmlowp") -> None:
         super().__init__()
-        self.rounding = _check_rounding(rounding)
+        self.rounding = _check_rounding(rounding, weighted=True)
         if weight.dtype != torch.int8 or bias.dtype != torch.int32:
             raise TypeError(f"weights must be int8 and biases int32, got {weight.dtype} and {bias.dtype}")
         if not out.qmin <= act_min <= act_max <= out.qmax:
@@ -166,7 +169,11 @@ class _QWeighted(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("w_scale", w_scale.to(torch.float32))
-        m0, n = _mult(np.float64(inp.scale) * w_scale.double().numpy() / np.float64(out.scale))
+        if self.rounding == "fp32":  # the float32 multiplier, computed as onnxruntime computes it
+            m32 = np.float32(inp.scale) * w_scale.float().numpy() / np.float32(out.scale)
+            m0, n = (torch.as_tensor(t, dtype=torch.int64) for t in float32_multiplier(m32))
+        else:
+            m0, n = _mult(np.float64(inp.scale) * w_scale.double().numpy() / np.float64(out.scale))
         self.register_buffer("m0", m0)
         self.register_buffer("shift", n)
 

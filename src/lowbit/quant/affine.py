@@ -18,9 +18,10 @@ brought to the output scale ``S3`` by the real multiplier ``M = S1 S2 / S3``, re
 ``M = M0 * 2^-n`` with ``M0`` an int32 in ``[2^30, 2^31)``; ``acc * M`` is computed as gemmlowp does:
 ``RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc, M0), n - 31)`` (a saturating left shift first
 when ``n < 31``, i.e. ``M >= 1``), or, with ``rounding="single"``, one rounding of the 64-bit product
-``acc M0`` (no double rounding; see :func:`multiply_by_quantized_multiplier`). The torch functions here
-work on int64 tensors holding int32 values; :mod:`lowbit.runtime.integer` has the numpy twin used by the
-integer interpreter.
+``acc M0`` (no double rounding), or, with ``rounding="fp32"``, the float32 arithmetic of runtimes that requantize
+in float (onnxruntime's MLAS), reproduced exactly with integers (see :func:`multiply_by_quantized_multiplier`).
+The torch functions here work on int64 tensors holding int32 values; :mod:`lowbit.runtime.integer` has the
+numpy twin used by the integer interpreter.
 
 References:
     Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
@@ -40,12 +41,12 @@ from lowbit.quant.observers import LazyShapeMixin, Observer, ObserverSpec, get_o
 __all__ = [
     "MIN_SCALE", "ROUNDINGS", "INT32_MIN", "INT32_MAX", "qrange", "choose_qparams", "fake_quantize", "quantize",
     "dequantize",
-    "quantize_multiplier", "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot",
+    "quantize_multiplier", "float32_multiplier", "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot",
     "multiply_by_quantized_multiplier", "AffineQuantizer", "Int8WeightQuantizer", "Uint8ActQuantizer",
     "Int8ActQuantizer",
 ]
 
-ROUNDINGS = ("gemmlowp", "single")  # requantization rounding, see multiply_by_quantized_multiplier
+ROUNDINGS = ("gemmlowp", "single", "fp32")  # requantization rounding, see multiply_by_quantized_multiplier
 MIN_SCALE = 2.0**-23  # float32 machine epsilon: the smallest scale, so 1 / S stays finite in float32
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -214,6 +215,25 @@ def quantize_multiplier(m: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, 0, m0), np.where(zero, 31, n)
 
 
+def float32_multiplier(m: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Represent float32 multipliers ``M`` exactly as ``M0 * 2^-n``, ``M0`` their 24-bit significand (for
+    ``rounding="fp32"``: the multiplier is the float32 number a float runtime multiplies by). A multiplier below
+    ``2^-38`` (the product rounds to 0 for every int32 ``acc``) is ``M0 = 0, n = 31``.
+
+    Example:
+        >>> float32_multiplier(0.75)   # 0.75 = 12582912 * 2^-24
+        (array(12582912), array(24))
+    """
+    m = np.asarray(m, dtype=np.float32)
+    if not np.all(np.isfinite(m)) or np.any(m < 0) or np.any(m >= 2.0**31):
+        raise ValueError(f"requantization multipliers must be finite and in [0, 2^31), got {m.min()}..{m.max()}")
+    frac, exp = np.frexp(m)  # m = frac * 2^exp, frac in [0.5, 1) with 24 significant bits
+    m0 = (frac.astype(np.float64) * 2.0**24).astype(np.int64)  # exact
+    n = 24 - exp.astype(np.int64)
+    zero = (m == 0) | (n > 62)
+    return np.where(zero, 0, m0), np.where(zero, 31, n)
+
+
 def _as_long(v: Any, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(v, dtype=torch.int64, device=like.device)
 
@@ -261,7 +281,10 @@ def multiply_by_quantized_multiplier(acc: torch.Tensor, m0: Any, n: Any, roundin
     ``2^(n-31)`` units, then to units), so a value just below ``k + 1/2`` can come out as ``k + 1``.
     ``rounding="single"``: one rounding of the exact 64-bit product, ``round(acc M0 / 2^n)`` half away from
     zero, saturated to int32 (TFLite's ``TFLITE_SINGLE_ROUNDING``); it equals ``round(acc M)`` up to ties, as
-    runtimes that requantize in float (onnxruntime) compute it.
+    runtimes that requantize in float compute it. ``rounding="fp32"`` (``M0``, ``n`` from
+    :func:`float32_multiplier`): what a runtime computing ``round(float32(acc) * M)`` in IEEE float32 gets, as
+    onnxruntime's MLAS requantizes: ``acc`` rounded to float32, the product rounded to float32 (24 significant
+    bits, half to even), then to an integer half to even; all in integers, so it is bit-exact with that runtime.
 
     Example:
         >>> m0, n = quantize_multiplier(0.3)
@@ -276,12 +299,34 @@ def multiply_by_quantized_multiplier(acc: torch.Tensor, m0: Any, n: Any, roundin
         half = (_as_long(1, acc) << (n_t - 1).clamp(min=0)) * (n_t > 0)
         mag = (prod.abs() + half) >> n_t
         return torch.where(prod < 0, -mag, mag).clamp(INT32_MIN, INT32_MAX)
+    if rounding == "fp32":
+        prod = _to_float32(_to_float32(acc) * m0_t)  # M0 < 2^24: the product is exact in int64 before rounding
+        mag = _shift_half_even(prod.abs(), n_t.clamp(min=0)) << (-n_t).clamp(min=0)
+        return torch.where(prod < 0, -mag, mag).clamp(INT32_MIN, INT32_MAX)
     if rounding != "gemmlowp":
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     left = torch.clamp(31 - n_t, min=0)
     right = torch.clamp(n_t - 31, min=0)
     shifted = (acc * (_as_long(1, acc) << left)).clamp(INT32_MIN, INT32_MAX)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0_t), right)
+
+
+def _shift_half_even(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x / 2^s`` rounded half to even, for ``x >= 0``, ``0 <= s <= 62``."""
+    q = x >> s
+    rem, half = x - (q << s), (torch.ones_like(x) << s) >> 1
+    return q + ((rem > half) | ((rem == half) & (s > 0) & (q & 1 == 1))).to(torch.int64)
+
+
+def _to_float32(x: torch.Tensor) -> torch.Tensor:
+    """The integer ``x`` rounded to 24 significant bits, half to even: the value of ``float32(x)``."""
+    mag = x.abs()
+    top = torch.zeros_like(mag)  # the index of the highest set bit, by binary search
+    for s in (32, 16, 8, 4, 2, 1):
+        top = top + s * ((mag >> (top + s)) > 0).to(torch.int64)
+    drop = (top + 1 - 24).clamp(min=0)
+    mag = _shift_half_even(mag, drop) << drop
+    return torch.where(x < 0, -mag, mag)
 
 
 # ------------------------------------------------------------------------------------------ the quantizer

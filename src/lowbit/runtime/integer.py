@@ -12,7 +12,9 @@ zero points, clamps) and computes with numpy integers only:
   kernel; im2col + GEMM for dense convolutions, a direct loop for grouped / depthwise ones), plus the int32
   bias;
 - requantization: ``Z_out + RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc, M0), n - 31)`` with
-  gemmlowp's rounding (half away from zero, truncating division), saturated to the output clamp: numpy int64
+  gemmlowp's rounding (half away from zero, truncating division), or one rounding of the product
+  (``"single"``), or float32's roundings emulated with integers (``"fp32"``: bit-exact with runtimes that
+  requantize in float32, as onnxruntime does), saturated to the output clamp: numpy int64
   functions (:func:`srdhm`, :func:`rounding_divide_by_pot`, :func:`multiply_by_quantized_multiplier`), and
   a compiled per-channel kernel doing the same for convolutions and linear layers;
 - additions (rescaled to a common scale, as ``lowbit.graph.qops.QAdd``), global average pooling (an int32
@@ -94,7 +96,9 @@ def multiply_by_quantized_multiplier(acc: np.ndarray, m0: np.ndarray | int, n: n
                                      rounding: str = "gemmlowp") -> np.ndarray:
     """``acc * M0 * 2^-n``. ``"gemmlowp"``: a saturating left shift by ``31 - n`` when ``n < 31``, then ``srdhm``
     and a rounding right shift by ``n - 31``. ``"single"``: ``acc M0`` (exact in int64) shifted right by ``n``
-    with one rounding, half away from zero, saturated to int32.
+    with one rounding, half away from zero, saturated to int32. ``"fp32"`` (``M0`` a 24-bit significand): IEEE
+    float32's ``round(float32(acc) * M)``, each rounding (to 24 significant bits, then to an integer) half to
+    even, with integers only.
 
     Example:
         >>> multiply_by_quantized_multiplier(np.array([10, -10]), 1288490189, 32)   # M = 0.3
@@ -102,20 +106,43 @@ def multiply_by_quantized_multiplier(acc: np.ndarray, m0: np.ndarray | int, n: n
     """
     acc = np.asarray(acc, dtype=np.int64)
     n = np.asarray(n, dtype=np.int64)
+    if rounding == "fp32":
+        prod = _to_float32(_to_float32(acc) * np.asarray(m0, dtype=np.int64))
+        mag = _shift_half_even(np.abs(prod), np.maximum(n, 0)) << np.maximum(-n, 0)
+        return np.clip(np.where(prod < 0, -mag, mag), _INT32_MIN, _INT32_MAX)
     if rounding == "single":
         prod = acc * np.asarray(m0, dtype=np.int64)
         half = np.where(n > 0, np.int64(1) << np.maximum(n - 1, 0), 0)
         mag = (np.abs(prod) + half) >> n
         return np.clip(np.where(prod < 0, -mag, mag), _INT32_MIN, _INT32_MAX)
     if rounding != "gemmlowp":
-        raise ValueError(f"rounding must be 'gemmlowp' or 'single', got {rounding!r}")
+        raise ValueError(f"rounding must be 'gemmlowp', 'single' or 'fp32', got {rounding!r}")
     left = np.maximum(31 - n, 0)
     right = np.maximum(n - 31, 0)
     shifted = np.clip(acc << left, _INT32_MIN, _INT32_MAX)
     return rounding_divide_by_pot(srdhm(shifted, m0), right)
 
 
+def _shift_half_even(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``x / 2^s`` rounded half to even (``x >= 0``, ``0 <= s <= 62``)."""
+    q = x >> s
+    rem, half = x - (q << s), (np.int64(1) << s) >> 1
+    return q + ((rem > half) | ((rem == half) & (s > 0) & (q & 1 == 1)))
+
+
+def _to_float32(x: np.ndarray) -> np.ndarray:
+    """The integers ``x`` rounded to 24 significant bits, half to even (the values of ``float32(x)``)."""
+    mag = np.abs(x)
+    top = np.zeros_like(mag)  # the index of the highest set bit, by binary search
+    for s in (32, 16, 8, 4, 2, 1):
+        top += s * ((mag >> (top + s)) > 0)
+    drop = np.maximum(top + 1 - 24, 0)
+    mag = _shift_half_even(mag, drop) << drop
+    return np.where(x < 0, -mag, mag)
+
+
 # --------------------------------------------------------------------------------------- numba kernels
+_MODE = {"gemmlowp": 0, "single": 1, "fp32": 2}  # the kernels' rounding argument
 
 
 @numba.njit(cache=True, nogil=True)
@@ -155,13 +182,13 @@ def _im2col(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int)
 
 @numba.njit(cache=True, nogil=True)
 def _add_kernel(qa: np.ndarray, qb: np.ndarray, za: int, zb: int, m0a: int, na: int, m0b: int, nb: int, m0o: int,
-                no: int, zo: int, lo: int, hi: int, left: int, single: bool) -> np.ndarray:  # pragma: no cover
+                no: int, zo: int, lo: int, hi: int, left: int, mode: int) -> np.ndarray:  # pragma: no cover
     """QAdd on flat arrays: both inputs rescaled to a common scale (shifted left by ``left``), summed, requantized."""
     out = np.empty(qa.shape, np.int32)
     for i in range(qa.size):
-        a = _mbqm_scalar((np.int64(qa[i]) - za) << left, m0a, na, single)
-        b = _mbqm_scalar((np.int64(qb[i]) - zb) << left, m0b, nb, single)
-        y = _mbqm_scalar(a + b, m0o, no, single) + zo
+        a = _mbqm_scalar((np.int64(qa[i]) - za) << left, m0a, na, mode)
+        b = _mbqm_scalar((np.int64(qb[i]) - zb) << left, m0b, nb, mode)
+        y = _mbqm_scalar(a + b, m0o, no, mode) + zo
         out[i] = min(max(y, lo), hi)
     return out
 
@@ -191,9 +218,34 @@ def _conv_grouped(x: np.ndarray, w: np.ndarray, stride_h: int, stride_w: int, di
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _mbqm_scalar(x: np.int64, m0: np.int64, n: np.int64, single: bool) -> np.int64:  # pragma: no cover (compiled)
-    """multiply_by_quantized_multiplier for one int32 value (int64 arithmetic), as the numpy version."""
-    if single:
+def _shift_half_even_scalar(x: np.int64, s: np.int64) -> np.int64:  # pragma: no cover (compiled)
+    q = x >> s
+    rem = x - (q << s)
+    half = (np.int64(1) << s) >> 1
+    return q + (1 if rem > half or (rem == half and s > 0 and (q & 1) == 1) else 0)
+
+
+@numba.njit(cache=True, nogil=True)
+def _to_float32_scalar(x: np.int64) -> np.int64:  # pragma: no cover (compiled)
+    mag = abs(x)
+    top = np.int64(0)
+    while (mag >> (top + 1)) > 0:
+        top += 1
+    drop = max(top + 1 - 24, 0)
+    mag = _shift_half_even_scalar(mag, drop) << drop
+    return -mag if x < 0 else mag
+
+
+@numba.njit(cache=True, nogil=True)
+def _mbqm_scalar(x: np.int64, m0: np.int64, n: np.int64, mode: int) -> np.int64:  # pragma: no cover (compiled)
+    """multiply_by_quantized_multiplier for one int32 value (int64 arithmetic), as the numpy version; ``mode``
+    0 gemmlowp, 1 single, 2 fp32."""
+    if mode == 2:
+        prod = _to_float32_scalar(_to_float32_scalar(x) * m0)
+        mag = _shift_half_even_scalar(abs(prod), max(n, 0)) << max(-n, 0)
+        r = -mag if prod < 0 else mag
+        return min(max(r, -2147483648), 2147483647)
+    if mode == 1:
         prod = x * m0
         half = (np.int64(1) << (n - 1)) if n > 0 else np.int64(0)
         mag = (abs(prod) + half) >> n
@@ -216,14 +268,14 @@ def _mbqm_scalar(x: np.int64, m0: np.int64, n: np.int64, single: bool) -> np.int
 
 @numba.njit(cache=True, nogil=True)
 def _requant_kernel(acc: np.ndarray, bias: np.ndarray, m0: np.ndarray, n: np.ndarray, zero_point: int,
-                    lo: int, hi: int, single: bool) -> np.ndarray:  # pragma: no cover (compiled)
+                    lo: int, hi: int, mode: int) -> np.ndarray:  # pragma: no cover (compiled)
     """(A, C, B) int32 accumulators + per-channel int32 bias -> clamp(Z + (acc + b) M_c, lo, hi) as int32."""
     a_n, c_n, b_n = acc.shape
     out = np.empty(acc.shape, np.int32)
     for a in range(a_n):
         for c in range(c_n):
             for b in range(b_n):
-                y = _mbqm_scalar(np.int64(acc[a, c, b]) + bias[c], m0[c], n[c], single) + zero_point
+                y = _mbqm_scalar(np.int64(acc[a, c, b]) + bias[c], m0[c], n[c], mode) + zero_point
                 out[a, c, b] = min(max(y, lo), hi)
     return out
 
@@ -235,7 +287,7 @@ def _requant_channels(acc: np.ndarray, op: QConv2d | QLinear, axis: int) -> np.n
     acc3 = np.ascontiguousarray(acc, dtype=np.int32).reshape(a, shape[axis], -1)
     vec = lambda t: np.ascontiguousarray(t.cpu().numpy(), dtype=np.int64)  # noqa: E731
     out = _requant_kernel(acc3, vec(op.bias), vec(op.m0), vec(op.shift), op.out.zero_point, op.act_min, op.act_max,
-                          op.rounding == "single")
+                          _MODE[op.rounding])
     return out.reshape(shape).astype(op.out.np_dtype)
 
 
@@ -279,7 +331,7 @@ def _add(op: QAdd, qa: np.ndarray, qb: np.ndarray) -> np.ndarray:
         out = _add_kernel(np.ascontiguousarray(qa).reshape(-1), np.ascontiguousarray(qb).reshape(-1),
                           op.a.zero_point, op.b.zero_point, int(op.m0_a), int(op.shift_a), int(op.m0_b),
                           int(op.shift_b), int(op.m0_out), int(op.shift_out), op.out.zero_point, op.act_min,
-                          op.act_max, ADD_LEFT_SHIFT, op.rounding == "single")
+                          op.act_max, ADD_LEFT_SHIFT, _MODE[op.rounding])
         return out.reshape(qa.shape).astype(op.out.np_dtype)
     a = multiply_by_quantized_multiplier((qa.astype(np.int64) - op.a.zero_point) << ADD_LEFT_SHIFT,
                                          int(op.m0_a), int(op.shift_a), op.rounding)
