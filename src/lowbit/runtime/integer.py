@@ -228,9 +228,10 @@ def _shift_half_even_scalar(x: np.int64, s: np.int64) -> np.int64:  # pragma: no
 @numba.njit(cache=True, nogil=True)
 def _to_float32_scalar(x: np.int64) -> np.int64:  # pragma: no cover (compiled)
     mag = abs(x)
-    top = np.int64(0)
-    while (mag >> (top + 1)) > 0:
-        top += 1
+    top = np.int64(0)  # the index of the highest set bit, by binary search
+    for s in (32, 16, 8, 4, 2, 1):
+        if (mag >> (top + s)) > 0:
+            top += s
     drop = max(top + 1 - 24, 0)
     mag = _shift_half_even_scalar(mag, drop) << drop
     return -mag if x < 0 else mag
