@@ -381,8 +381,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                     for m in models]
             ax.bar(np.arange(len(models)) + (3 + k) * width, vals, width, label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks(np.arange(len(models)) + 2 * width, [
-            m + ("\n(random weights)" if results[m]["weights"].startswith("random") else "") for m in models])
+        labels = [m + ("\n(random weights)" if results[m]["weights"].startswith("random") else "") for m in models]
+        ax.set_xticks(np.arange(len(models)) + 2 * width, labels, fontsize=8)
         ax.set_ylabel("speed vs onnxruntime fp32 (x)")
         ax.set_title(f"batch {b}, {results[models[0]]['threads']} threads")
     axes[0].legend(fontsize=7)
