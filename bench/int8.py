@@ -185,6 +185,17 @@ def row_name(name: str, args: argparse.Namespace) -> str:
     return f"{name}_w{args.mobilenet_width:g}" if name == "mobilenet_v2" and args.mobilenet_width != 1 else name
 
 
+def calibration_batches(data: Any, args: argparse.Namespace) -> list[np.ndarray]:
+    """The first ``--calib-batches`` training batches of 128 (fixed order, no augmentation)."""
+    loader = data.loader("train", 128, shuffle=True, augment=False, seed=0)
+    return [x.numpy() for _, x in zip(range(args.calib_batches), (b for b, _ in loader), strict=False)]
+
+
+def weight_bits(args: argparse.Namespace) -> int:
+    """``--weight-bits``; ``auto``: 8 with VNNI, else 7 (onnxruntime's int16 pair sums saturate without it)."""
+    return (8 if cpu_has_vnni() else 7) if args.weight_bits == "auto" else int(args.weight_bits)
+
+
 def train_qat(name: str, model: nn.Module, source: str, data: Any, calib: list[np.ndarray], cfg: Int8Config,
               args: argparse.Namespace) -> nn.Module:
     """QAT of ``args.qat_epochs`` from the float ``model``; resumable, and a finished run is reused: its run
@@ -217,9 +228,7 @@ def rounding_study(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, 
     data = load_dataset(DATASET[name], data_dir())
     x_test, y_test = test_arrays(data, args.limit)
     n = len(x_test) if args.match_images is None else min(args.match_images, len(x_test))
-    loader = data.loader("train", 128, shuffle=True, augment=False, seed=0)
-    calib = [x.numpy() for _, x in zip(range(args.calib_batches), (b for b, _ in loader), strict=False)]
-    wbits = (8 if cpu_has_vnni() else 7) if args.weight_bits == "auto" else int(args.weight_bits)
+    calib, wbits = calibration_batches(data, args), weight_bits(args)
     rows = {}
     for rounding in ROUNDINGS:
         cfg = Int8Config(weight_bits=wbits, rounding=rounding, calibration=args.calibration)
@@ -242,15 +251,13 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
     model, source = load_float(name, args)
     if model is None:
         return {}
-    key = row_name(name, args)
+    row_key = row_name(name, args)
     random_weights = source.startswith("random")
     data = load_dataset(DATASET[name], data_dir())
     shape = tuple(data.input_shape)
-    wbits = (8 if cpu_has_vnni() else 7) if args.weight_bits == "auto" else int(args.weight_bits)
+    calib, wbits = calibration_batches(data, args), weight_bits(args)
     cfg = Int8Config(weight_bits=wbits, rounding=args.rounding, calibration=args.calibration)
     x_test, y_test = test_arrays(data, args.limit)
-    loader = data.loader("train", 128, shuffle=True, augment=False, seed=0)
-    calib = [x.numpy() for _, x in zip(range(args.calib_batches), (b for b, _ in loader), strict=False)]
     row: dict[str, Any] = {"weights": source, "dataset": data.name, "test_images": int(len(y_test)),
                            "weight_bits": wbits, "rounding": args.rounding, "calibration": args.calibration,
                            "calib_batches": len(calib), "cpu_has_vnni": cpu_has_vnni()}
@@ -318,7 +325,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
         path = ort_quantize_static(fp32, tmp / f"{name}_ort_{settings}.onnx", calib, settings)
         r = integer_kernel_report(path)
         files[f"ort_{settings}"] = path
-        rows[f"{key}/ort_quantize_static_{settings}"] = {
+        rows[f"{row_key}/ort_quantize_static_{settings}"] = {
             "settings": "onnxruntime defaults (QDQ, int8 activations, int8 weights, per tensor)"
             if settings == "default" else "QDQ, uint8 activations, int8 weights, per tensor",
             "float_convs_left": r["float"], "integer_kernels": r["integer"], "optimized_ops": r["ops"],
@@ -337,12 +344,12 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
         row[f"speedup_b{b}_int8_vs_ort_fp32"] = round(lat["ort_fp32"][b] / lat["lowbit_int8"][b], 2)
         row[f"speedup_b{b}_int8_vs_torch_fp32"] = round(lat["torch_fp32"][b] / lat["lowbit_int8"][b], 2)
         for settings in ("default", "u8s8_per_tensor"):
-            r = rows[f"{key}/ort_quantize_static_{settings}"]
+            r = rows[f"{row_key}/ort_quantize_static_{settings}"]
             r[f"latency_ms_b{b}"] = lat[f"ort_{settings}"][b]
             r[f"speedup_b{b}_vs_ort_fp32"] = round(lat["ort_fp32"][b] / lat[f"ort_{settings}"][b], 2)
     row["int8_slower_at_b1"] = row["speedup_b1_int8_vs_ort_fp32"] < 1.0
     row["meets_speed_target_b64"] = row["speedup_b64_int8_vs_ort_fp32"] >= TARGET_SPEEDUP_B64
-    best_ort = rows[f"{key}/ort_quantize_static_u8s8_per_tensor"]
+    best_ort = rows[f"{row_key}/ort_quantize_static_u8s8_per_tensor"]
     row["as_fast_as_ort_best_b64"] = lat["lowbit_int8"][64] <= best_ort["latency_ms_b64"] * 1.05
     if not random_weights and "qat_test_acc_pct" in row:
         row["qat_beats_ort_ptq"] = row["qat_test_acc_pct"] > max(
@@ -355,7 +362,7 @@ def run_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, dict[
             "dearest_nodes": [[r["name"], r["op"], r["share_pct"]] for r in prof["nodes"][:3]]}
     row["threads"] = args.threads
     row["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    return {key: row, **rows}
+    return {row_key: row, **rows}
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
