@@ -417,7 +417,7 @@ def plot(name: str) -> None:
     ax1.set_ylabel("validation bits per character")
     mv = [v for k, v in rows.items() if k.startswith("matvec/")]
     if mv:
-        labels = [f"{v['bits']}\n{v['shape'][0]}x{v['shape'][1]}\n{v['threads']}t" for v in mv]
+        labels = [f"{v['bits']}\n{v['shape'][0] / 1024:g}Kx{v['shape'][1] / 1024:g}K\n{v['threads']}t" for v in mv]
         xs = np.arange(len(mv))
         ax2.bar(xs - 0.2, [v["speedup_kernel_vs_torch_fp32"] for v in mv], 0.4, label="binary product")
         ax2.bar(xs + 0.2, [v["speedup_e2e_vs_torch_fp32"] for v in mv], 0.4, label="+ online quantization of x")
