@@ -214,6 +214,20 @@ def run_quant(args: argparse.Namespace, data: Dataset, teacher: nn.Module, root:
     return rows
 
 
+def _targets(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Issue #5's comparisons, for the rows measured so far: FSP (and KD) beat the student alone; the quantized
+    students distilled from the teacher beat the same ones fine-tuned without it; differentiable quantization
+    beats post-training quantization at 2 bits (the paper's claim). One seed each."""
+    acc = {name: r["test_acc_pct"] for name, r in rows.items() if "test_acc_pct" in r}
+    pairs = {"fsp_beats_alone": ("fsp/resnet8_fsp", "fsp/resnet8_alone"),
+             "fsp_paper_protocol_beats_alone": ("fsp/resnet8_fsp_full", "fsp/resnet8_alone"),
+             "kd_beats_alone": ("fsp/resnet8_kd", "fsp/resnet8_alone"),
+             "w4_distill_beats_finetune": ("quant/w4_distill", "quant/w4_finetune"),
+             "w2_distill_beats_finetune": ("quant/w2_distill", "quant/w2_finetune"),
+             "w2_diffquant_beats_ptq": ("quant/w2_diffquant", "quant/w2_ptq")}
+    return {k: acc[a] > acc[b] for k, (a, b) in pairs.items() if a in acc and b in acc}
+
+
 def _plot(rows: dict[str, dict[str, Any]], teacher_acc: float, path: Path) -> None:
     import matplotlib
 
@@ -221,7 +235,8 @@ def _plot(rows: dict[str, dict[str, Any]], teacher_acc: float, path: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for ax, prefix, title in ((axes[0], "fsp/", "(a) ResNet-8 student, same epochs"),
+    alone = rows.get("fsp/resnet8_alone", {}).get("test_acc_pct")
+    for ax, prefix, title in ((axes[0], "fsp/", "(a) ResNet-8 student, float"),
                               (axes[1], "quant/", "(b) quantized ResNet-8 (bucketed weights)")):
         names = [n for n in rows if n.startswith(prefix)]
         accs = [rows[n]["test_acc_pct"] for n in names]
@@ -229,6 +244,8 @@ def _plot(rows: dict[str, dict[str, Any]], teacher_acc: float, path: Path) -> No
                                                       else "#3a7" for n in names])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(teacher_acc, color="k", lw=0.8, ls="--", label=f"teacher {teacher_acc:.1f}%")
+        if alone is not None:
+            ax.axhline(alone, color="#777", lw=0.8, ls=":", label=f"student alone {alone:.1f}%")
         ax.set_xticks(range(len(names)), [n.removeprefix(prefix) for n in names], rotation=30, ha="right",
                       fontsize=8)
         low = min([*accs, teacher_acc]) if accs else 0
@@ -284,11 +301,16 @@ def main() -> None:
         rows["teacher"]["note"] = "quick mode: 2,000 training / 1,000 test images; numbers are not comparable"
     path = write_results(name, rows)
     rows = json.loads(path.read_text())["results"]  # with the rows of earlier --part runs
+    rows["targets"] = _targets(rows)
+    write_results(name, {"targets": rows["targets"]})
     _plot(rows, teacher_acc, RESULTS / f"{name}.png")
     print(f"\n{'row':22s} {'test acc':>9s} {'epochs':>7s} {'minutes':>8s}  method")
     for row, r in rows.items():
+        if row == "targets":
+            continue
         print(f"{row:22s} {r['test_acc_pct']:8.2f}% {r.get('epochs', ''):>7} {r.get('minutes', ''):>8}  "
               f"{r.get('method', r.get('model', ''))}")
+    print("targets (issue #5):", {k: v for k, v in rows["targets"].items() if isinstance(v, bool)})
     print(f"wrote {path} and {RESULTS / f'{name}.png'} ({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
