@@ -112,3 +112,25 @@ def test_fsp_runs_both_stages(tmp_path: Path) -> None:
     assert results["method"] == "fsp" and results["fsp_loss_final"] > 0 and "test_acc" in results
     assert (out / "distill" / "fsp" / "model.safetensors").exists()
     assert (out / "distill" / "task" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["other input shape", "other classes", "no such file", "corrupt file"])
+def test_a_teacher_that_cannot_teach_fails_before_anything_runs(tmp_path: Path, case: str) -> None:
+    """Checked before the first stage runs: a wrong teacher must not cost the stages before the distill one."""
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    teacher, expected = {
+        "other input shape": ({"name": "lenet300_100"}, "teacher lenet300_100 does not accept data set 'digits' "
+                              "(input (1, 8, 8)): mat1 and mat2 shapes cannot be multiplied"),
+        "other classes": ({"name": "lenet300_100", "kwargs": {"in_features": 64, "num_classes": 5}},
+                          "teacher lenet300_100 outputs shape (5,) per example, the student (10,)"),
+        "no such file": ({"checkpoint": str(tmp_path / "missing.safetensors")}, "no such checkpoint file"),
+        "corrupt file": ({"checkpoint": str(corrupt)}, "stage distill: teacher: "),
+    }[case]
+    out = tmp_path / "run"
+    doc = recipe(out, MLP, [{"type": "train", "epochs": 1, **FAST},
+                            {"type": "distill", "teacher": teacher, "train": {"epochs": 1, **FAST}}])
+    with pytest.raises(RecipeError) as err:
+        run_recipe(validate_recipe(doc), show_progress=False)
+    assert expected in str(err.value) and "stage distill" in str(err.value)
+    assert not out.exists()  # the train stage before it never ran

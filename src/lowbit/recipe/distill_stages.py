@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lowbit.recipe.schema import ModelSpec
+from lowbit.recipe.schema import ModelSpec, RecipeError
 from lowbit.recipe.stages import Context, register_stage
 from lowbit.train import TrainConfig, evaluate, fit
 
@@ -82,17 +82,39 @@ class DistillConfig(BaseModel):
         return self
 
 
-def _teacher(ctx: Context, spec: ModelSpec) -> Any:
+def _build_teacher(ctx: Context, spec: ModelSpec) -> Any:
     from lowbit.recipe.runner import build_model  # lazy: the runner imports the stage registry
 
-    teacher = build_model(spec)
+    return build_model(spec).to(next(ctx.model.parameters()).device).eval()
+
+
+def _check_teacher(ctx: Context, cfg: DistillConfig) -> None:
+    """Before anything runs: the teacher loads, accepts the data, and answers in the student's shape (the same
+    classes or vocabulary); otherwise a run fails at the distill stage, after the stages before it."""
+    from lowbit.recipe.runner import check_fits
+
+    what = f"stage {ctx.stage_key}: teacher {cfg.teacher.checkpoint or cfg.teacher.name}"
+    try:
+        teacher = _build_teacher(ctx, cfg.teacher)
+    except ValueError as e:  # CheckpointError: a missing, truncated, corrupt or foreign file
+        raise RecipeError(f"stage {ctx.stage_key}: teacher: {e}") from None
+    teacher_out = check_fits(teacher, ctx.data, what)
+    student_out = check_fits(ctx.model, ctx.data, f"stage {ctx.stage_key}: student")
+    if teacher_out.shape[1:] != student_out.shape[1:]:
+        raise RecipeError(f"{what} outputs shape {tuple(teacher_out.shape[1:])} per example, the student "
+                          f"{tuple(student_out.shape[1:])}: distillation needs a teacher trained for the same task "
+                          f"(the same {ctx.data.name!r} classes)")
+
+
+def _teacher(ctx: Context, spec: ModelSpec) -> Any:
+    teacher = _build_teacher(ctx, spec)
     if spec.checkpoint is None:
         print(f"{ctx.stage_key}: warning: the teacher {spec.name!r} is freshly initialized, not trained; "
               "give {checkpoint: ...} to distill from a trained one")
-    return teacher.to(next(ctx.model.parameters()).device).eval()
+    return teacher
 
 
-@register_stage("distill", DistillConfig)
+@register_stage("distill", DistillConfig, check=_check_teacher)
 def distill_stage(ctx: Context, cfg: DistillConfig) -> dict[str, Any]:
     """Train the model from a teacher: Hinton KD, FSP (two stages), quantized distillation or differentiable
     quantization (lowbit.distill)."""

@@ -1,7 +1,8 @@
 """Run a validated recipe: build the model, load the data, then each stage in order.
 
-Nothing is written before the model is built, the data set is loaded and one batch has gone through
-the model, so a recipe whose parts do not fit together fails without leaving a run directory. The run
+Nothing is written before the model is built, the data set is loaded, one batch has gone through
+the model and every stage's own ``check`` has passed (a distillation teacher must fit the data and the
+student), so a recipe whose parts do not fit together fails without leaving a run directory. The run
 directory then holds ``resolved.yaml`` (the recipe with every default filled in), ``results.json``
 (rewritten after each stage: ``{"recipe", "command", "date", "machine", "results": {stage: {...}}}``) and
 ``lineage.json``: per stage, a fingerprint of everything its result depends on (seed, model, data and every
@@ -30,7 +31,7 @@ from lowbit.recipe.schema import ModelSpec, Recipe, RecipeError
 from lowbit.recipe.stages import Context, stages
 from lowbit.train import load_model
 
-__all__ = ["run_recipe", "build_model"]
+__all__ = ["run_recipe", "build_model", "check_fits"]
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -41,17 +42,18 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return create_model(spec.name, **spec.kwargs)
 
 
-def _check_fits(model: nn.Module, data: Dataset, recipe: Recipe) -> None:
-    """Push one test batch through ``model`` so a shape mismatch surfaces before anything runs."""
+def check_fits(model: nn.Module, data: Dataset, what: str) -> torch.Tensor:
+    """Push two test examples through ``model`` so a shape mismatch surfaces before anything runs; returns
+    the output. ``what`` names the model in the error (e.g. ``"recipe.yaml: model"``)."""
     x, _ = next(iter(data.loader("test", batch_size=2)))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(x.to(next(model.parameters()).device))
+            return model(x.to(next(model.parameters()).device))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise RecipeError(f"{recipe.source}: model does not accept data set {data.name!r} "
+        raise RecipeError(f"{what} does not accept data set {data.name!r} "
                           f"(input {tuple(data.input_shape)}): {first}") from None
     finally:
         model.train(was_training)
@@ -120,16 +122,21 @@ def run_recipe(
     model = build_model(recipe.model)
     data_dir = recipe.data.dir or data_dir
     data = load_dataset(recipe.data.name, data_dir)
-    _check_fits(model, data, recipe)
+    check_fits(model, data, f"{recipe.source}: model")
 
     out = recipe.output
     lineage = _lineage(recipe)
     if resume:
         _check_lineage(recipe, lineage)
+    ctx = Context(model, data, out, data_dir, resume, show_progress, recipe.name)
+    for call, key in zip(recipe.stages, lineage, strict=True):
+        check = stages.get(call.type).check
+        if check is not None:
+            ctx.stage_key = key
+            check(ctx, call.config)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "resolved.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
     _write(out / "lineage.json", json.dumps(lineage, indent=2) + "\n")
-    ctx = Context(model, data, out, data_dir, resume, show_progress, recipe.name)
     header = {"recipe": recipe.name, "command": command or f"lowbit run {recipe.source}",
               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": _machine()}
     for i, (call, key) in enumerate(zip(recipe.stages, lineage, strict=True), 1):

@@ -60,6 +60,7 @@ class StageDef:
     config: type[BaseModel]
     run: StageFn
     requires: tuple[str, ...] = ()  # stage types that must come earlier in the recipe
+    check: Callable[[Context, Any], None] | None = None  # runs before any stage does (see register_stage)
 
     @property
     def doc(self) -> str:
@@ -77,13 +78,17 @@ class NoOptions(BaseModel):
 
 
 def register_stage(
-    name: str, config: type[BaseModel] = NoOptions, requires: tuple[str, ...] = ()
+    name: str, config: type[BaseModel] = NoOptions, requires: tuple[str, ...] = (),
+    check: Callable[[Context, Any], None] | None = None,
 ) -> Callable[[StageFn], StageFn]:
     """Register ``run(ctx, cfg) -> results | None`` as stage ``name`` configured by ``config``;
-    ``requires`` names stage types that must come earlier in a recipe (checked before anything runs)."""
+    ``requires`` names stage types that must come earlier in a recipe (checked before anything runs).
+    ``check(ctx, cfg)``, if given, runs for each such stage before the first stage runs and before anything
+    is written, on the untouched model: it raises for what would otherwise fail midway through a run (a
+    teacher that does not fit the data, say)."""
 
     def deco(fn: StageFn) -> StageFn:
-        stages.register(name)(StageDef(name, config, fn, tuple(requires)))
+        stages.register(name)(StageDef(name, config, fn, tuple(requires), check))
         return fn
 
     return deco
