@@ -96,6 +96,13 @@ def test_eval_uses_the_checkpoint_data_set(capsys: pytest.CaptureFixture[str], d
     assert acc > 60
 
 
+def test_eval_on_a_data_set_the_model_does_not_fit(capsys: pytest.CaptureFixture[str],
+                                                   digits_checkpoint: Path) -> None:
+    assert main(["eval", str(digits_checkpoint), "--data", "mnist"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "(it was trained on 'digits') does not accept data set 'mnist' (input (1, 28, 28))" in line
+
+
 def test_truncated_checkpoint(capsys: pytest.CaptureFixture[str], digits_checkpoint: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(digits_checkpoint.read_bytes()[:-1000])

@@ -123,7 +123,7 @@ def test_a_teacher_that_cannot_teach_fails_before_anything_runs(tmp_path: Path, 
         "other input shape": ({"name": "lenet300_100"}, "teacher lenet300_100 does not accept data set 'digits' "
                               "(input (1, 8, 8)): mat1 and mat2 shapes cannot be multiplied"),
         "other classes": ({"name": "lenet300_100", "kwargs": {"in_features": 64, "num_classes": 5}},
-                          "teacher lenet300_100 outputs shape (5,) per example, the student (10,)"),
+                          "teacher lenet300_100 outputs 5 classes, data set 'digits' has 10"),
         "no such file": ({"checkpoint": str(tmp_path / "missing.safetensors")}, "no such checkpoint file"),
         "corrupt file": ({"checkpoint": str(corrupt)}, "stage distill: teacher: "),
     }[case]

@@ -127,6 +127,14 @@ def test_model_that_does_not_fit_the_data_fails_before_writing(tmp_path: Path) -
     assert not (tmp_path / "run").exists()
 
 
+def test_model_with_other_classes_than_the_data_fails_before_writing(tmp_path: Path) -> None:
+    doc = tiny(tmp_path / "run")
+    doc["model"].setdefault("kwargs", {})["num_classes"] = 5  # it would train, and never predict classes 5-9
+    with pytest.raises(RecipeError, match="r.yaml: model outputs 5 classes, data set 'digits' has 10"):
+        run_recipe(validate_recipe(doc, "r.yaml"), show_progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_yaml_exponent_floats_are_floats() -> None:
     assert read_yaml("wd: 5e-4\nlr: 1E2\nn: 3\ns: 5e", "x") == {"wd": 5e-4, "lr": 100.0, "n": 3, "s": "5e"}
 

@@ -52,11 +52,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lowbit.data import load_dataset
     from lowbit.models import model_entry
+    from lowbit.recipe.runner import check_fits
     from lowbit.train import evaluate
 
     model, meta = _load_file(args.checkpoint)
     name = args.data or meta.get("dataset") or model_entry(meta["model"]["name"]).dataset
-    res = evaluate(model, load_dataset(name, args.data_dir).loader("test", args.batch_size), show_progress=True)
+    data = load_dataset(name, args.data_dir)
+    trained_on = f" (it was trained on {meta['dataset']!r})" if meta.get("dataset") not in (None, name) else ""
+    check_fits(model, data, f"{args.checkpoint}{trained_on}")
+    res = evaluate(model, data.loader("test", args.batch_size), show_progress=True)
     print(f"{args.checkpoint}: {name} test acc {res['acc']:.2f}%  loss {res['loss']:.4f}")
 
 

@@ -43,20 +43,26 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def check_fits(model: nn.Module, data: Dataset, what: str) -> torch.Tensor:
-    """Push two test examples through ``model`` so a shape mismatch surfaces before anything runs; returns
-    the output. ``what`` names the model in the error (e.g. ``"recipe.yaml: model"``)."""
+    """Push two test examples through ``model`` so that a shape mismatch, or an output of another number of
+    classes than ``data`` has, surfaces before anything runs; returns the output. ``what`` names the model in
+    the error (e.g. ``"recipe.yaml: model"``)."""
     x, _ = next(iter(data.loader("test", batch_size=2)))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(x.to(next(model.parameters()).device))
+            out = model(x.to(next(model.parameters()).device))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise RecipeError(f"{what} does not accept data set {data.name!r} "
                           f"(input {tuple(data.input_shape)}): {first}") from None
     finally:
         model.train(was_training)
+    if out.shape[-1] != data.num_classes:
+        kind = "symbols" if data.is_text else "classes"
+        raise RecipeError(f"{what} outputs {out.shape[-1]} {kind}, data set {data.name!r} has {data.num_classes}: "
+                          f"build it with num_classes={data.num_classes} (or give the data set it was made for)")
+    return out
 
 
 def _write(path: Path, text: str) -> None:
