@@ -103,6 +103,21 @@ def test_eval_on_a_data_set_the_model_does_not_fit(capsys: pytest.CaptureFixture
     assert "(it was trained on 'digits') does not accept data set 'mnist' (input (1, 28, 28))" in line
 
 
+@pytest.mark.parametrize("command", ["export", "lower"])
+def test_export_and_lower_refuse_inputs_the_model_does_not_take(
+    capsys: pytest.CaptureFixture[str], digits_checkpoint: Path, tmp_path: Path, command: str
+) -> None:
+    fmt = ["--format", "onnx-qdq", "--out", str(tmp_path / "m.onnx")] if command == "export" else []
+    # calibration data of another shape than the model's (8x8 digits model, 28x28 MNIST)
+    assert main([command, str(digits_checkpoint), *fmt, "--data", "mnist", "--calibrate", "1"]) == 2
+    assert "does not accept data set 'mnist' (input (1, 28, 28))" in one_error_line(capsys.readouterr().err)
+    # an --input-shape the model cannot take
+    assert main([command, "lenet5", *fmt, "--input-shape", "3,32,32", "--random-calibration", "--calibrate", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "lenet5 does not accept input 3x32x32" in line and "pass --input-shape C,H,W" in line
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_truncated_checkpoint(capsys: pytest.CaptureFixture[str], digits_checkpoint: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(digits_checkpoint.read_bytes()[:-1000])

@@ -136,7 +136,21 @@ def _int8_source(args: argparse.Namespace) -> tuple[Any, str, tuple[int, ...], s
     shape = args.input_shape or (tuple(shape) if shape else None)
     if shape is None:
         raise ValueError(f"{args.model}: the input shape is unknown; pass --input-shape C,H,W")
-    return model.eval(), args.model, tuple(shape), args.data or dataset
+    _check_accepts(model.eval(), args.model, tuple(shape))
+    return model, args.model, tuple(shape), args.data or dataset
+
+
+def _check_accepts(model: Any, title: str, shape: tuple[int, ...]) -> None:
+    """One zero input of ``shape`` through ``model``: a shape it does not take is a one-line error here, not a
+    traceback from deep inside calibration or an exporter."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape))
+    except RuntimeError as e:
+        raise ValueError(f"{title} does not accept input {'x'.join(map(str, shape))}: "
+                         f"{str(e).strip().splitlines()[0]}; pass --input-shape C,H,W") from None
 
 
 def _calibrated(args: argparse.Namespace, model: Any, shape: tuple[int, ...], dataset: str | None) -> Any:
@@ -158,8 +172,11 @@ def _calibrated(args: argparse.Namespace, model: Any, shape: tuple[int, ...], da
         print(f"calibrating on {args.calibrate} batches of random N(0, 1) inputs: the scales are placeholders")
     else:
         from lowbit.data import load_dataset
+        from lowbit.recipe.runner import check_fits
 
-        batches = load_dataset(dataset, args.data_dir).loader("train", 128, shuffle=True, augment=False)
+        data = load_dataset(dataset, args.data_dir)
+        check_fits(model, data, args.model)
+        batches = data.loader("train", 128, shuffle=True, augment=False)
         print(f"calibrating on {args.calibrate} batches of {dataset} (train split)")
     calibrate(prepared, batches, args.calibrate)
     return prepared

@@ -3,9 +3,10 @@
 A stage is a function decorated with ``@register_stage(name, ConfigModel)``. The runner validates a
 stage's YAML mapping (minus ``type``) with ``ConfigModel`` before anything runs, then calls
 ``run(ctx, cfg)``; a stage registered with ``check=`` has ``check(ctx, cfg)`` called first, for every
-stage before any runs (to reject what would otherwise fail midway). What ``run`` returns is stored in ``results.json`` under the stage's key
-(its type; ``evaluate_2`` for the second ``evaluate``). New capabilities add a module that registers
-its stages and is imported by :mod:`lowbit.recipe`; the runner does not change.
+stage before any runs (to reject what would otherwise fail midway). What ``run`` returns is stored in
+``results.json`` under the stage's key (its type; ``evaluate_2`` for the second ``evaluate``). New
+capabilities add a module that registers its stages and is imported by :mod:`lowbit.recipe`; the runner
+does not change.
 
     @register_stage("evaluate", EvaluateConfig)
     def evaluate_stage(ctx: Context, cfg: EvaluateConfig) -> dict[str, float]: ...
