@@ -162,6 +162,20 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
 
 
+@pytest.mark.parametrize("text", ["a,b", "3,,2", "3,x,2", "1,28,", "0,28,28", "-1x28x28", ""])
+def test_malformed_input_shapes_are_usage_errors(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["summary", "lenet5", "--input-shape", text])
+    assert exit_.value.code == 2
+    assert "--input-shape: expected" in capsys.readouterr().err
+
+
+def test_input_shape_takes_commas_or_x(capsys: pytest.CaptureFixture[str]) -> None:
+    for text in ("1,28,28", "1x28x28"):
+        assert main(["summary", "lenet5", "--input-shape", text, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 28, 28]
+
+
 def test_run_then_summary_uses_the_recorded_input_shape(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pytest.importorskip("lowbit.hw.counts")
     path = tmp_path / "r.yaml"

@@ -283,8 +283,8 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    try:  # "1,28,28" or "1x28x28"; an empty part ("3,,2", "3,x,2") is a typo, not a missing dimension
+        shape = tuple(int(p) for p in text.strip().replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected sizes like 1,28,28, got {text!r}") from None
     if not shape or min(shape) < 1:
