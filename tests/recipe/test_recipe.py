@@ -135,6 +135,17 @@ def test_model_with_other_classes_than_the_data_fails_before_writing(tmp_path: P
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("stage", [
+    "{type: train, lr: .inf}", "{type: train, weight_decay: .nan}", "{type: train, epochs: .inf}",
+    "{type: distill, teacher: {name: lenet300_100}, temperature: .inf}",
+])
+def test_infinite_or_nan_numbers_are_refused(tmp_path: Path, stage: str) -> None:
+    """YAML spells them .inf / .nan; a range check such as lr > 0 alone lets .inf through to a NaN loss."""
+    text = f"model: {{name: lenet300_100}}\ndata: {{name: digits}}\nstages:\n  - {stage}\n"
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.\w+: Input should be a finite number"):
+        load_recipe(write(tmp_path / "r.yaml", text))
+
+
 def test_yaml_exponent_floats_are_floats() -> None:
     assert read_yaml("wd: 5e-4\nlr: 1E2\nn: 3\ns: 5e", "x") == {"wd": 5e-4, "lr": 100.0, "n": 3, "s": "5e"}
 

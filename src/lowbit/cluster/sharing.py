@@ -75,7 +75,7 @@ class ClusterConfig(BaseModel):
         Han et al., "Deep Compression", arXiv:1510.00149, section 3 and Table 1-4 (bits per layer).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     types: dict[LayerType, Bits] = Field(default_factory=lambda: {"Conv2d": 8, "Linear": 5},

@@ -61,7 +61,7 @@ class Int8Config(BaseModel):
         'uint8'
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     weight_bits: Literal[8, 7] = Field(

@@ -53,7 +53,7 @@ class PruneConfig(BaseModel):
         Zhu & Gupta, "To prune, or not to prune", arXiv:1710.01878 (per-layer target sparsity).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     criterion: str = Field("magnitude", description="registered importance criterion (lowbit.prune.criteria)")

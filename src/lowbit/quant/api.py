@@ -86,7 +86,7 @@ class LayerQuant(BaseModel):
         (None, None)
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     weight: Spec | None = Field(None, description="quantizer of the layer's weight; null = float")
     input: Spec | None = Field(None, description="quantizer of the layer's input activations; null = float")
@@ -117,7 +117,7 @@ class QuantConfig(BaseModel):
         True
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     rules: dict[str, LayerQuant] = Field(

@@ -68,7 +68,7 @@ def cluster_stage(ctx: Context, cfg: ClusterConfig) -> dict[str, Any]:
 class EncodeConfig(BaseModel):
     """Where to write the ``.lbz`` file and the relative-index width per layer."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     path: str = Field("model.lbz", description="relative to the run directory")
     index_bits: dict[str, int] = Field(
@@ -159,7 +159,7 @@ def encode_stage(ctx: Context, cfg: EncodeConfig) -> dict[str, Any]:
 
 
 class ReportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     file: str = Field("report.md", description="Markdown report, relative to the run directory")
     plot: str = Field("weights.png", description="weight distributions before/after pruning and sharing")

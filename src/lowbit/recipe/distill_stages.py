@@ -43,7 +43,7 @@ class DistillConfig(BaseModel):
     """The ``distill`` stage: a teacher, a method and its options, the training. Unset options take the
     method's defaults; an option of another method is an error."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     teacher: ModelSpec = Field(description="{checkpoint: path.safetensors} (a trained teacher) or {name: ..., kwargs}")
     method: Literal["kd", "fsp", "quantized", "differentiable"] = "kd"

@@ -52,7 +52,7 @@ class QATConfig(TrainConfig):
 
 
 class ExportOnnxConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     path: str = Field("model.int8.onnx", description="relative to the run directory")
 

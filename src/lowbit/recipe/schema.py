@@ -40,7 +40,7 @@ class RecipeError(ValueError):
 class ModelSpec(BaseModel):
     """Exactly one of ``name`` (a registered model) or ``checkpoint`` (a lowbit .safetensors file)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = None
     checkpoint: str | None = None
@@ -74,7 +74,7 @@ class ModelSpec(BaseModel):
 
 
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     dir: str | None = Field(None, description="data directory; default --data-dir, then $LOWBIT_DATA")
@@ -92,7 +92,7 @@ class DataSpec(BaseModel):
 class RecipeFile(BaseModel):
     """The top level of a recipe file; each stage is then checked against its own config model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     name: str = Field(min_length=1)

@@ -76,7 +76,7 @@ stages: Registry[StageDef] = Registry("stage type")
 class NoOptions(BaseModel):
     """The config of a stage that takes no options."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def register_stage(
@@ -109,7 +109,7 @@ def train_stage(ctx: Context, cfg: TrainConfig) -> dict[str, Any]:
 
 
 class EvaluateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     split: Literal["test", "train"] = "test"
     batch_size: int = Field(256, ge=1)
@@ -125,7 +125,7 @@ def evaluate_stage(ctx: Context, cfg: EvaluateConfig) -> dict[str, float]:
 
 
 class SummaryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     input_shape: tuple[int, ...] | None = Field(None, description="one sample's shape; default: the data set's")
     file: str = Field("summary.json", description="written in the run directory")
@@ -145,7 +145,7 @@ def summary_stage(ctx: Context, cfg: SummaryConfig) -> dict[str, Any]:
 
 
 class SaveConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     path: str = Field("model.safetensors", description="relative to the run directory")
 

@@ -13,7 +13,7 @@ class TrainConfig(BaseModel):
     """How to train: optimizer, schedule, budget, checkpointing. Every field has a unit in its name
     or its description; ``extra='forbid'`` turns a typo into an error naming the key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = 1
     epochs: float = Field(10, gt=0, description="training length in epochs (fractions allowed)")
