@@ -1,8 +1,8 @@
 """Run a validated recipe: build the model, load the data, then each stage in order.
 
 Nothing is written before the model is built, the data set is loaded, one batch has gone through
-the model and every stage's own ``check`` has passed (a distillation teacher must fit the data and the
-student), so a recipe whose parts do not fit together fails without leaving a run directory. The run
+the model and every stage's own ``check`` has passed (a distillation teacher must take the data and
+have its classes), so a recipe whose parts do not fit together fails without leaving a run directory. The run
 directory then holds ``resolved.yaml`` (the recipe with every default filled in), ``results.json``
 (rewritten after each stage: ``{"recipe", "command", "date", "machine", "results": {stage: {...}}}``) and
 ``lineage.json``: per stage, a fingerprint of everything its result depends on (seed, model, data and every
