@@ -18,6 +18,11 @@ E epochs, peak ``LR`` (default the recipe's), that starts from the finished base
 of a fresh initialization. It is named ``ROW-rE`` (e.g. ``resnet20-e80-r40``); its row counts the epochs of both
 cycles, and its curve continues ROW's.
 
+``--restart-from ROW --epochs E --lr LR --swa`` is stochastic weight averaging (Izmailov et al., 2018) instead: E
+epochs at the constant rate LR from ROW's weights, the model being the mean of the weights at the E epoch ends with
+batch-norm statistics re-estimated on the training data. It is named ``ROW-swaE``; its curve shows the iterates,
+and its row also records the last iterate's accuracy beside the average's.
+
 Targets (issue #2): LeNet-300-100 >= 98.2%, LeNet-5 >= 99.1% on MNIST; ResNet-20 >= 89.0% on the
 JPEG copy of CIFAR-10 (the paper: 91.25% on the lossless set with 64k iterations = 164 epochs).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -55,11 +61,15 @@ def main() -> None:
     ap.add_argument("--restart-from", metavar="ROW", default=None, help="start from the finished baseline ROW "
                     "of baselines.json (e.g. resnet20-e80) for a new cosine cycle of --epochs (a warm restart)")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate of a --restart-from cycle "
-                    "(default: the recipe's)")
+                    "(default: the recipe's), or the constant one of --swa")
+    ap.add_argument("--swa", action="store_true", help="with --restart-from and --lr: average the weights of every "
+                    "epoch end of --epochs at the constant rate --lr (stochastic weight averaging)")
     args = ap.parse_args()
     unknown = set(args.models) - set(RECIPES)
     if unknown:
         ap.error(f"no baseline recipe for {sorted(unknown)}; choose from {list(RECIPES)}")
+    if args.restart_from is not None and args.swa and args.lr is None:
+        ap.error("--swa needs --lr, the constant learning rate of the averaged epochs (Izmailov et al. use 0.01-0.05)")
     parent = None
     if args.restart_from is not None:
         try:
@@ -69,12 +79,16 @@ def main() -> None:
         if args.models not in ([], [parent["arch"]]):
             ap.error(f"--restart-from {args.restart_from} trains {parent['arch']}, not {args.models}")
         args.models = [parent["arch"]]
-    elif args.lr is not None:
-        ap.error("--lr only sets the peak of a --restart-from cycle; a baseline's recipe fixes its own")
+    elif args.lr is not None or args.swa:
+        ap.error("--lr and --swa only apply to a --restart-from run; a baseline's recipe fixes its own training")
     rows = {}
     for name in args.models or list(RECIPES):
         cfg, arch = RECIPES[name], name
-        if parent is not None:
+        if parent is not None and args.swa:
+            cfg = TrainConfig.model_validate({**cfg.model_dump(), "epochs": args.epochs, "lr": args.lr,
+                                              "schedule": "constant", "swa_epochs": math.ceil(args.epochs)})
+            name = f"{args.restart_from}-swa{args.epochs:g}"
+        elif parent is not None:
             cfg = TrainConfig.model_validate({**cfg.model_dump(), "epochs": args.epochs, "lr": args.lr or cfg.lr})
             name = f"{args.restart_from}-r{args.epochs:g}"
         elif args.epochs is not None and args.epochs != cfg.epochs:
@@ -99,6 +113,9 @@ def main() -> None:
             "test_acc_by_epoch": [[before + min(h["epoch"], cfg.epochs), round(h["test_acc"], 2)]
                                   for h in res.history if "test_acc" in h],
         }
+        if cfg.swa_epochs:
+            rows[name]["swa"] = {"epochs": cfg.swa_epochs, "lr": cfg.lr,
+                                 "last_iterate_test_acc_pct": round(res.history[-1]["test_acc"], 2)}
         if parent is not None:
             rows[name]["restart_of"] = {"row": args.restart_from, "epochs": before,
                                         "test_acc_pct": parent["test_acc_pct"], "checkpoint": parent["checkpoint"]}
@@ -160,8 +177,10 @@ def plot() -> None:
             if v.get("restart_of", {}).get("row") in curves:  # a warm restart continues its first cycle's curve
                 points = curves[v["restart_of"]["row"]]["test_acc_by_epoch"] + points
             ep, acc = zip(*points, strict=True)  # x: the share of the schedule, so that
-            ax.plot([e / v["epochs"] for e in ep], acc, label=f"{name} ({v['epochs']:g} epochs): "  # cosine runs
-                    f"{v['test_acc_pct']:.2f}%")  # of different lengths line up
+            line, = ax.plot([e / v["epochs"] for e in ep], acc, label=f"{name} ({v['epochs']:g} epochs): "  # cosine
+                            f"{v['test_acc_pct']:.2f}%")  # runs of different lengths line up
+            if "swa" in v:  # the curve shows the iterates; the model is their average, drawn as a star at the end
+                ax.plot([1.0], [v["test_acc_pct"]], marker="*", markersize=12, color=line.get_color())
             targets.setdefault(v["target_acc_pct"], []).append(name.split("-")[0])
         for t, names in targets.items():
             ax.axhline(t, color="black", linestyle="--", linewidth=0.8)

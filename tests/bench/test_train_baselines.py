@@ -45,3 +45,15 @@ def test_a_warm_restart_names_what_it_needs(tmp_path, monkeypatch) -> None:  # n
     parent = tb.restart_parent("resnet20-e80", 40)
     assert (parent["arch"], parent["epochs"], parent["test_acc_pct"]) == ("resnet20", 80.0, 88.55)
     assert (parent["path"], parent["checkpoint"]) == (ckpt, row["checkpoint"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--swa"], "only apply to a --restart-from run"),
+    (["--lr", "0.01"], "only apply to a --restart-from run"),
+    (["--restart-from", "resnet20-e80", "--epochs", "30", "--swa"], "--swa needs --lr"),
+])
+def test_swa_and_lr_options_say_what_they_need(argv, message, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setattr("sys.argv", ["train_baselines", *argv])
+    with pytest.raises(SystemExit):
+        tb.main()
+    assert message in capsys.readouterr().err

@@ -178,3 +178,77 @@ def test_resume_accepts_a_config_saved_before_a_field_was_added() -> None:
     assert not _same_config({**saved, "no_such_field": 1}, cfg)
     assert not _same_config(None, cfg)
     assert not _same_config(saved, TrainConfig(epochs=2, lr=0.05, quantizer_weight_decay=1e-4))
+
+
+# Stochastic weight averaging: a constant rate, the last 3 of 4 epoch ends averaged.
+SWA = CFG.model_copy(update={"schedule": "constant", "swa_epochs": 3})
+
+
+def test_swa_model_is_the_mean_of_the_last_epoch_end_weights() -> None:
+    class Record:
+        def __init__(self) -> None:
+            self.weights: list[dict[str, torch.Tensor]] = []
+
+        def after_epoch(self, model: torch.nn.Module, epoch: int) -> None:
+            self.weights.append({k: v.detach().clone() for k, v in model.named_parameters()})
+
+    rec = Record()  # the plain run follows the same trajectory: same seed, schedule and batches
+    fit(_model(), load_dataset("digits"), SWA.model_copy(update={"swa_epochs": 0}), callbacks=[rec],
+        show_progress=False)
+    model = _model()
+    res = fit(model, load_dataset("digits"), SWA, show_progress=False)
+    for name, p in model.named_parameters():
+        mean = torch.stack([w[name] for w in rec.weights[1:]]).mean(0)
+        assert torch.allclose(p, mean, atol=1e-6), name
+        assert not torch.allclose(p, rec.weights[-1][name], atol=1e-4), name  # not the last iterate
+    assert res.final["test_acc"] > 90.0
+
+
+def test_swa_re_estimates_batch_norm_on_the_training_data() -> None:
+    torch.manual_seed(0)
+    model = create_model("mlp_bnn", input_size=8, width=32, depth=2)
+    data = load_dataset("digits")
+    fit(model, data, SWA, show_progress=False)
+    bn, first = model.features[1], model.features[0]
+    with torch.no_grad():  # what the first batch norm sees, over the whole training set
+        h = torch.cat([first(x.flatten(1)) for x, _ in data.loader("train", 256)])
+    # the pass averages batch means: the last, smaller batch weighs a little more than its share
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-2)
+    assert h.mean(0).abs().max() > 0.5  # far from the initial statistics (0, 1) an average without the pass keeps
+    assert torch.allclose(bn.running_var, h.var(0), rtol=0.05)  # per-batch variances, averaged
+    assert model(next(iter(data.loader("test", 8)))[0]).isfinite().all()
+
+
+def test_swa_resumes_to_the_uninterrupted_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = SWA.model_copy(update={"checkpoint_every": 5})
+    reference = fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "ref", show_progress=False)
+    from lowbit.train import engine
+
+    real, calls = engine.evaluate, []
+
+    def crash_in_epoch_3(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:  # the end of epoch 3, after its averaging and before its checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "evaluate", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "run", show_progress=False)
+    monkeypatch.setattr(engine, "evaluate", real)
+    saved = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert saved.meta["step"] == 140  # the last checkpoint, inside epoch 3 (47 steps per epoch)
+    assert saved.tensors["swa.n_averaged"].item() == 1  # the end of epoch 2 only: epoch 3's averaging is lost
+    resumed = fit(_model(), load_dataset("digits"), cfg, run_dir=tmp_path / "run", resume=True, show_progress=False)
+    a = load_checkpoint(tmp_path / "ref" / "model.safetensors")
+    b = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert resumed.final == reference.final
+    assert b.meta["swa"]["last_iterate"]["test_acc"] == reference.history[-1]["test_acc"]
+
+
+def test_swa_errors_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="swa_epochs=5 averages more epochs than the run has"):
+        CFG.model_copy(update={"swa_epochs": 5}).model_validate(CFG.model_dump() | {"swa_epochs": 5})
+    with pytest.raises(ValueError, match="callbacks .* would be bypassed"):
+        fit(_model(), load_dataset("digits"), SWA, callbacks=[object()], show_progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,6 +33,10 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 disables")
+    swa_epochs: int = Field(
+        0, ge=0, description="stochastic weight averaging (Izmailov et al. 2018): the final model is the mean of the "
+        "weights at the ends of the last swa_epochs epochs, its batch-norm statistics re-estimated on the training "
+        "data; 0 disables. Pair it with a 'constant' (or cyclic) schedule, so that the averaged points differ")
     seed: int = 0
     augment: bool | None = Field(None, description="crop+flip; None = the data set's default")
     seq_len: int = Field(128, ge=2, description="window length for language models")
@@ -46,4 +51,6 @@ class TrainConfig(BaseModel):
             raise ValueError("schedule 'step' needs milestones (epochs at which to decay)")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing, got {list(self.milestones)}")
+        if self.swa_epochs > math.ceil(self.epochs):
+            raise ValueError(f"swa_epochs={self.swa_epochs} averages more epochs than the run has ({self.epochs:g})")
         return self

@@ -3,6 +3,8 @@
 A run directory holds ``last.safetensors`` (full training state, rewritten every
 ``checkpoint_every`` steps and at each epoch end), ``model.safetensors`` (final weights + results),
 ``metrics.jsonl`` (one line per evaluated epoch) and ``train.json`` (the resolved config).
+With ``swa_epochs`` set, the running weight average is part of the training state, and the final model is that
+average with re-estimated batch-norm statistics (``metrics.jsonl`` keeps the per-epoch iterates).
 ``fit(..., resume=True)`` continues from ``last.safetensors`` to the same result as an
 uninterrupted run: batches, augmentation and schedule are functions of (seed, epoch, step), and the
 optimizer and torch RNG states are restored.
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from lowbit.data import Dataset, Loader
 from lowbit.train.checkpoint import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
@@ -209,6 +212,10 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
+    if cfg.swa_epochs and callbacks:
+        raise ValueError("swa_epochs averages plain training: callbacks (pruning masks, quantizers, distillation) "
+                         "would be bypassed by the average and its batch-norm pass; train without them")
+    avg = AveragedModel(model) if cfg.swa_epochs else None  # its state is checkpointed as 'swa.*'
     train = data.loader("train", cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, seq_len=cfg.seq_len)
     test = data.loader("test", max(cfg.batch_size, 256), seq_len=cfg.seq_len)
     steps_per_epoch = len(train)
@@ -232,6 +239,8 @@ def fit(
                                   "wrote it (another model, quantizer or lowbit version): start a new run "
                                   "directory") from e
         torch.set_rng_state(ckpt.tensors["rng.torch"])
+        if avg is not None:
+            load_state_into(avg, ckpt.group("swa"), where=str(last))
         step, history, sums = ckpt.meta["step"], ckpt.meta["history"], ckpt.meta["sums"]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +253,8 @@ def fit(
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"optim.{k[6:]}": v for k, v in opt_t.items()})
         tensors["rng.torch"] = torch.get_rng_state()
+        if avg is not None:
+            tensors.update({f"swa.{k}": v for k, v in avg.state_dict().items()})
         save_checkpoint(last, tensors, {
             "kind": "training", "model": model_meta(model), "dataset": data.name,
             "train": cfg.model_dump(mode="json"), "step": step, "history": history, "sums": sums,
@@ -307,6 +318,8 @@ def fit(
                     checkpoint()
         for after in hooks("after_epoch"):
             after(model, epoch)
+        if avg is not None and epoch >= n_epochs - cfg.swa_epochs:
+            avg.update_parameters(model)
         record = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / max(1, sums["count"]),
                   "train_acc": 100 * sums["correct"] / max(1, sums["count"]),
                   "epoch_seconds": time.perf_counter() - t0}
@@ -317,15 +330,21 @@ def fit(
         checkpoint()
         if out is not None:
             _write_jsonl(out / "metrics.jsonl", history)
+    if avg is not None:  # the average replaces the last iterate; its BN statistics come from one pass over the
+        # training data (augmented, as the averaged iterates saw it; batches of the epoch after the last: deterministic)
+        update_bn((_prepare(x, device, channels_last) for x, _ in train.batches(n_epochs)), avg)
+        model.load_state_dict(avg.module.state_dict())
     ends = hooks("on_fit_end")
     for end in ends:  # e.g. a last distortion or a quantizer freeze: the final evaluation must see it
         end(model)
-    final = {k: v for k, v in history[-1].items() if k.startswith("test_")} if history and not ends else {}
+    last_iterate = {k: v for k, v in history[-1].items() if k.startswith("test_")} if history else {}
+    final = last_iterate if not ends and avg is None else {}
     if not final:
         final = {f"test_{k}": v for k, v in evaluate(model, test, device, channels_last).items()}
     if out is not None:
+        extra = {"swa": {"epochs": cfg.swa_epochs, "last_iterate": last_iterate}} if avg is not None else {}
         save_model(out / "model.safetensors", model, dataset=data.name, results=final,
-                   input_shape=list(data.input_shape), train=cfg.model_dump(mode="json"))
+                   input_shape=list(data.input_shape), train=cfg.model_dump(mode="json"), **extra)
     return FitResult(history, final, out)
 
 
