@@ -188,7 +188,7 @@ def plot() -> None:
                     fontsize=7)
         lo = min(targets) - 3 * (100 - min(targets))
         ax.set_ylim(lo, min(100.0, max(targets) + (100 - max(targets)) / 2))
-        ax.set_xlabel("epoch / epochs of the run (cosine learning rate)")
+        ax.set_xlabel("epoch / epochs of the run")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"float baselines on {ds}", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
